@@ -1,0 +1,187 @@
+"""Validation and normalisation of the public API's arguments.
+
+Every backend receives the same :class:`LayerBatch`: one ``(n_l, d_l)``-shaped view per layer
+(no copies unless the leading dims cannot be flattened), a boolean mask or ``None`` per layer,
+and a checked power/eps. All checks here read shapes, dtypes and devices only: no device sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerBatch", "REDUCTIONS", "check_power_eps", "prepare_layers", "reduce_layers"]
+
+REDUCTIONS = ("sum", "mean", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """The distilled layers of one call, flattened to ``(tokens, d)``.
+
+    students[l], teachers[l]: ``(n_l, d_l)`` views of the caller's tensors.
+    masks[l]: ``(n_l,)`` bool, or ``None`` when every token of layer l counts.
+    shapes[l]: the caller's original shape, to give gradients back in it.
+    """
+
+    students: list[torch.Tensor]
+    teachers: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
+    shapes: list[torch.Size]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.students)
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """float64 when any input is float64, else float32 (accumulation is never below fp32)."""
+        wide = any(t.dtype == torch.float64 for t in self.students + self.teachers)
+        return torch.float64 if wide else torch.float32
+
+
+def _as_layer_list(x, name: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        layers = list(x)
+        if not layers:
+            raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, got []")
+        for i, t in enumerate(layers):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        return layers
+    raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(x).__name__}")
+
+
+def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor) -> None:
+    where = f"layer {i}: "
+    for name, x in (("student", s), ("teacher", t)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{where}{name} must be float16/bfloat16/float32/float64, got {x.dtype}"
+            )
+        if x.dim() < 2:
+            raise ValueError(
+                f"{where}{name} must have shape (..., d) with at least one token dim, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"{where}{name} is empty (shape {tuple(x.shape)})")
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"{where}student hidden size {s.shape[-1]} != teacher hidden size {t.shape[-1]} "
+            f"(student {tuple(s.shape)}, teacher {tuple(t.shape)}); project the student first"
+        )
+    if s.shape != t.shape:
+        raise ValueError(
+            f"{where}student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}"
+        )
+    if s.device != t.device:
+        raise ValueError(f"{where}student is on {s.device} but teacher is on {t.device}")
+    if s.numel() // s.shape[-1] < 2:
+        raise ValueError(
+            f"{where}the teacher std needs at least 2 tokens, got shape {tuple(t.shape)}"
+        )
+
+
+def _check_mask(i: int, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"mask[{i}]: expected a torch.Tensor or None, got {type(m).__name__}")
+    if m.shape != t.shape[:-1]:
+        raise ValueError(
+            f"mask[{i}]: shape {tuple(m.shape)} != the leading shape {tuple(t.shape[:-1])} "
+            f"of layer {i} (teacher {tuple(t.shape)})"
+        )
+    if m.device != t.device:
+        raise ValueError(f"mask[{i}]: on {m.device} but layer {i} is on {t.device}")
+    if m.is_complex():
+        raise TypeError(f"mask[{i}]: expected bool or 0/1 values, got {m.dtype}")
+    return (m if m.dtype == torch.bool else m != 0).reshape(-1)
+
+
+def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    num_layers = len(teachers)
+    if mask is None:
+        return [None] * num_layers
+    if isinstance(mask, torch.Tensor):
+        # One mask for every layer whose leading shape it matches (an encoder's attention mask
+        # over all encoder layers; a T5 decoder layer of another length keeps all its tokens).
+        matching = [t.shape[:-1] == mask.shape for t in teachers]
+        if not any(matching):
+            shapes = sorted({tuple(t.shape[:-1]) for t in teachers})
+            raise ValueError(
+                f"mask: shape {tuple(mask.shape)} matches the leading shape of no layer "
+                f"(layers have {shapes})"
+            )
+        return [_check_mask(i, mask, t) if ok else None for i, (t, ok) in
+                enumerate(zip(teachers, matching))]
+    if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
+        masks = list(mask)
+        if len(masks) != num_layers:
+            raise ValueError(f"mask: got {len(masks)} masks for {num_layers} layers")
+        return [None if m is None else _check_mask(i, m, t) for i, (m, t) in
+                enumerate(zip(masks, teachers))]
+    raise TypeError(f"mask: expected None, a tensor or a sequence, got {type(mask).__name__}")
+
+
+def prepare_layers(student, teacher, mask=None) -> LayerBatch:
+    """Check the layers and masks of one call and flatten every layer to ``(tokens, d)``."""
+    students = _as_layer_list(student, "student")
+    teachers = _as_layer_list(teacher, "teacher")
+    if len(students) != len(teachers):
+        raise ValueError(
+            f"student has {len(students)} layers but teacher has {len(teachers)} layers"
+        )
+    for i, (s, t) in enumerate(zip(students, teachers)):
+        _check_pair(i, s, t)
+    devices = {t.device for t in teachers}
+    if len(devices) > 1:
+        raise ValueError(f"all layers must be on one device, got {sorted(map(str, devices))}")
+    masks = _masks_per_layer(mask, teachers)
+    return LayerBatch(
+        students=[s.reshape(-1, s.shape[-1]) for s in students],
+        teachers=[t.reshape(-1, t.shape[-1]) for t in teachers],
+        masks=masks,
+        shapes=[s.shape for s in students],
+    )
+
+
+def check_power_eps(power, eps) -> tuple[float, float]:
+    """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0."""
+    for name, value in (("power", power), ("eps", eps)):
+        if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: must be finite, got {value}")
+    if eps < 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
+    return float(power), float(eps)
+
+
+def reduce_layers(losses: torch.Tensor, layer_weights, reduction: str) -> torch.Tensor:
+    """``reduce_l(lambda_l * loss_l)`` over the ``(L,)`` per-layer losses."""
+    num_layers = losses.shape[0]
+    if layer_weights is not None:
+        lam = torch.as_tensor(layer_weights, dtype=losses.dtype, device=losses.device)
+        if lam.shape != (num_layers,):
+            raise ValueError(
+                f"layer_weights: expected {num_layers} weights (one per layer), "
+                f"got shape {tuple(lam.shape)}"
+            )
+        losses = losses * lam
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.mean()
+    return losses
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction

@@ -1,0 +1,54 @@
+"""The paper's EOFD loss (Zhao et al., NAACL 2025, Appendix I, Figure 12), kept as printed.
+
+It is the oracle every backend is tested against, so it stays a line-by-line transcription with
+one fix: the printed code takes ``teacher.std(dim=(2, 1))``, which contradicts its own shape
+comment ``# of shape (d_t)`` (the std over dims (2, 1) has shape (B,)) and then broadcasts the
+weights along the wrong axis. The evident intent, a per-hidden-dimension std over every token,
+is ``std`` over all leading dims, i.e. ``dim=(0, 1)`` for ``(B, N, d)`` inputs.
+"""
+
+import torch
+
+__all__ = ["calculate_weight", "eofd_loss_reference", "layer_losses_reference"]
+
+
+def calculate_weight(teacher: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """Per-dimension weights ``(std_d / mean_d std_d) ** power`` broadcast to ``teacher.shape``.
+
+    teacher: ``(..., d)``; returns ``(..., d)``, differentiable with respect to ``teacher``.
+    """
+    token_dims = tuple(range(teacher.dim() - 1))
+    std_hidden = teacher.std(dim=token_dims)  # (d,) -- the paper prints dim=(2, 1), see above
+    mean_std = std_hidden.mean()
+    std_scaled = (std_hidden / mean_std) ** power  # power == 0 gives plain MSE (0 ** 0 == 1)
+    return std_scaled.expand(teacher.shape)
+
+
+def eofd_loss_reference(
+    student: torch.Tensor, teacher: torch.Tensor, power: float = 0.5
+) -> torch.Tensor:
+    """EOFD loss of one layer: ``mean(weights * (student - teacher) ** 2)``.
+
+    student, teacher: ``(..., d)`` of the same shape (the student already projected to d).
+    Returns a 0-dim tensor in the inputs' dtype.
+    """
+    weights = calculate_weight(teacher, power=power)
+    squared_diff = (student - teacher) ** 2
+    return (squared_diff * weights).mean()
+
+
+def layer_losses_reference(batch, power: float, eps: float) -> torch.Tensor:
+    """``backend="reference"``: the paper's code per layer, masks by selecting valid tokens.
+
+    batch: a :class:`~eofd_kernels.inputs.LayerBatch`. Slow and not numerically hardened (its
+    std is ``torch.std`` in the inputs' dtype); it is the oracle, not a production path.
+    """
+    if eps != 0.0:
+        raise ValueError(f"eps: the reference (the paper's code) has no eps, got eps={eps}")
+    acc = batch.result_dtype
+    losses = []
+    for s, t, m in zip(batch.students, batch.teachers, batch.masks):
+        if m is not None:
+            s, t = s[m], t[m]
+        losses.append(eofd_loss_reference(s, t, power).to(acc))
+    return torch.stack(losses)

@@ -1,0 +1,377 @@
+"""Fused Triton kernels of the EOFD loss: all distilled layers of a call in the same launches.
+
+Layers are described by a small int64 table (one row of ``TABLE_FIELDS`` per layer: pointers,
+sizes, strides), so layers of different ``(n, d)`` and strides go through one launch without
+stacking copies. Grids are ``(token chunk, block of dims, layer)``; programs past a layer's
+own sizes do no memory traffic.
+
+Forward (DESIGN §3), three launches:
+  1. ``_stats_kernel``: each program reads its ``(chunk rows, BLOCK_D)`` slab of S and T once
+     and writes, per dim, the valid-token count, a pivoted mean pair (pivot k = one valid T
+     value, m = mean(T - k)), M2 and sum (S - T)^2: tile-exact two-pass statistics merged
+     tile by tile with Chan's formula.
+  2. ``_merge_chunks_kernel``: merges the chunk partials in chunk order (fp64; bitwise
+     deterministic: the order never depends on scheduling) into per-dim sigma and E.
+  3. ``_finalize_layers_kernel``: one program per layer: sbar, w, the loss, and the per-dim
+     coefficients of the backward pass.
+Backward, one launch: ``_backward_kernel`` writes dS (and dT when the teacher needs it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Layer table columns (int64). After the L layer rows: power and eps as float64 bit patterns,
+# so the finalize kernel sees them in full precision (a Python float argument becomes fp32).
+S_PTR, T_PTR, MASK_PTR, N_ROWS, N_DIMS, S_ROW, S_COL, T_ROW, T_COL, DS_PTR, DT_PTR = range(11)
+TABLE_FIELDS = 11
+
+# Chunk partials, (L, chunks, PARTIAL_FIELDS, max_d) in the accumulation dtype.
+P_COUNT, P_PIVOT, P_MEAN, P_M2, P_SQERR = range(5)
+PARTIAL_FIELDS = 5
+
+# Per-dim statistics, (L, DIM_FIELDS, max_d) float64: the forward's output kept for backward.
+D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
+DIM_FIELDS = 8
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _chan_merge(n_a, k_a, m_a, q_a, n_b, k_b, m_b, q_b):
+    """Merge two (count, pivot, mean offset, M2) summaries; the result keeps a's pivot.
+
+    An empty a takes b whole, so a pivot is always an actual valid value of the data.
+    """
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = (k_b - k_a) + (m_b - m_a)
+    a_empty = n_a == 0
+    k = tl.where(a_empty, k_b, k_a)
+    m = tl.where(a_empty, m_b, m_a + delta * frac)
+    q = tl.where(a_empty, q_b, q_a + q_b + delta * delta * n_a * frac)
+    return n, k, m, q
+
+
+@triton.jit
+def _load_tile(table_row, rows, cols, n, d, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
+               ACC: tl.constexpr, HAS_MASK: tl.constexpr):
+    """S and T of ``rows x cols`` in ``ACC`` (0 outside), and which rows are valid tokens."""
+    s_base = tl.load(table_row + S_PTR).to(tl.pointer_type(S_DTYPE))
+    t_base = tl.load(table_row + T_PTR).to(tl.pointer_type(T_DTYPE))
+    row_ok = rows < n
+    inside = row_ok[:, None] & (cols < d)[None, :]
+    s_offs = rows[:, None] * tl.load(table_row + S_ROW) + cols[None, :] * tl.load(table_row + S_COL)
+    t_offs = rows[:, None] * tl.load(table_row + T_ROW) + cols[None, :] * tl.load(table_row + T_COL)
+    s = tl.load(s_base + s_offs, mask=inside, other=0.0).to(ACC)
+    t = tl.load(t_base + t_offs, mask=inside, other=0.0).to(ACC)
+    valid = row_ok
+    if HAS_MASK:
+        mask_int = tl.load(table_row + MASK_PTR)
+        mask_base = mask_int.to(tl.pointer_type(tl.int8))
+        # A layer without a mask has a null mask pointer: every in-range row counts.
+        flags = tl.load(mask_base + rows, mask=row_ok & (mask_int != 0), other=1)
+        valid = row_ok & (flags != 0)
+    return s, t, valid
+
+
+@triton.jit
+def _stats_kernel(
+    table, partials, num_chunks, max_d,
+    S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    dblock = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    table_row = table + layer * TABLE_FIELDS
+    n = tl.load(table_row + N_ROWS)
+    d = tl.load(table_row + N_DIMS)
+    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    tile_rows = tl.arange(0, BLOCK_N).to(tl.int64)
+
+    count = tl.zeros((BLOCK_D,), ACC)
+    pivot = tl.zeros((BLOCK_D,), ACC)
+    mean = tl.zeros((BLOCK_D,), ACC)
+    m2 = tl.zeros((BLOCK_D,), ACC)
+    sq_err = tl.zeros((BLOCK_D,), ACC)
+    for tile in range(TILES_PER_CHUNK):
+        rows = (chunk * TILES_PER_CHUNK + tile) * BLOCK_N + tile_rows
+        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK)
+        valid2 = valid[:, None]
+        diff = s - t
+        sq_err += tl.sum(tl.where(valid2, diff * diff, 0.0), axis=0)
+        # Tile-exact two-pass stats around the tile's first valid row.
+        tile_count = tl.sum(valid.to(ACC), axis=0)
+        first = tl.min(tl.where(valid, tile_rows, BLOCK_N), axis=0)
+        tile_pivot = tl.sum(tl.where((tile_rows == first)[:, None], t, 0.0), axis=0)
+        shifted = tl.where(valid2, t - tile_pivot[None, :], 0.0)
+        tile_mean = tl.sum(shifted, axis=0) / tl.maximum(tile_count, 1.0)
+        dev = tl.where(valid2, shifted - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=0)
+        count, pivot, mean, m2 = _chan_merge(count, pivot, mean, m2,
+                                             tile_count, tile_pivot, tile_mean, tile_m2)
+
+    out = partials + (layer * num_chunks + chunk) * PARTIAL_FIELDS * max_d + cols
+    keep = cols < max_d
+    tl.store(out + P_COUNT * max_d, count, mask=keep)
+    tl.store(out + P_PIVOT * max_d, pivot, mask=keep)
+    tl.store(out + P_MEAN * max_d, mean, mask=keep)
+    tl.store(out + P_M2 * max_d, m2, mask=keep)
+    tl.store(out + P_SQERR * max_d, sq_err, mask=keep)
+
+
+@triton.jit
+def _merge_chunks_kernel(table, partials, dim_stats, num_chunks, max_d, CHUNK_ROWS: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    dblock = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    table_row = table + layer * TABLE_FIELDS
+    n = tl.load(table_row + N_ROWS)
+    d = tl.load(table_row + N_DIMS)
+    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    keep = cols < max_d
+
+    count = tl.zeros((BLOCK_D,), tl.float64)
+    pivot = tl.zeros((BLOCK_D,), tl.float64)
+    mean = tl.zeros((BLOCK_D,), tl.float64)
+    m2 = tl.zeros((BLOCK_D,), tl.float64)
+    sq_err = tl.zeros((BLOCK_D,), tl.float64)
+    for chunk in range(0, tl.cdiv(n, CHUNK_ROWS)):
+        part = partials + (layer * num_chunks + chunk) * PARTIAL_FIELDS * max_d + cols
+        count, pivot, mean, m2 = _chan_merge(
+            count, pivot, mean, m2,
+            tl.load(part + P_COUNT * max_d, mask=keep, other=0.0).to(tl.float64),
+            tl.load(part + P_PIVOT * max_d, mask=keep, other=0.0).to(tl.float64),
+            tl.load(part + P_MEAN * max_d, mask=keep, other=0.0).to(tl.float64),
+            tl.load(part + P_M2 * max_d, mask=keep, other=0.0).to(tl.float64),
+        )
+        sq_err += tl.load(part + P_SQERR * max_d, mask=keep, other=0.0).to(tl.float64)
+
+    # Dims past this layer's d are zero, so the padded rows of dim_stats are deterministic.
+    in_layer = cols < d
+    sigma = tl.sqrt(m2 / (count - 1.0))
+    out = dim_stats + layer * DIM_FIELDS * max_d + cols
+    tl.store(out + D_COUNT * max_d, tl.where(in_layer, count, 0.0), mask=keep)
+    tl.store(out + D_PIVOT * max_d, tl.where(in_layer, pivot, 0.0), mask=keep)
+    tl.store(out + D_MEAN * max_d, tl.where(in_layer, mean, 0.0), mask=keep)
+    tl.store(out + D_SIGMA * max_d, tl.where(in_layer, sigma, 0.0), mask=keep)
+    tl.store(out + D_SQERR * max_d, tl.where(in_layer, sq_err, 0.0), mask=keep)
+
+
+@triton.jit
+def _power(ratio, power, ACC: tl.constexpr):
+    """``ratio ** power`` in ``ACC`` with torch's ``x ** 0 == 1`` (also for 0 and NaN)."""
+    p = power.to(ACC)
+    return tl.where(p == 0.0, 1.0, tl.exp2(p * tl.log2(ratio.to(ACC)))).to(tl.float64)
+
+
+@triton.jit
+def _finalize_layers_kernel(table, dim_stats, losses, max_d, ACC: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    layer = tl.program_id(0).to(tl.int64)
+    params = table + tl.num_programs(0) * TABLE_FIELDS
+    power = tl.load(params).to(tl.float64, bitcast=True)
+    eps = tl.load(params + 1).to(tl.float64, bitcast=True)
+    d = tl.load(table + layer * TABLE_FIELDS + N_DIMS)
+    stats = dim_stats + layer * DIM_FIELDS * max_d
+    n_valid = tl.load(stats + D_COUNT * max_d)
+    offs = tl.arange(0, BLOCK_D).to(tl.int64)
+
+    sigma_sum = tl.zeros((BLOCK_D,), tl.float64)
+    for start in range(0, d, BLOCK_D):
+        sigma_sum += tl.load(stats + D_SIGMA * max_d + start + offs, mask=start + offs < d,
+                             other=0.0)
+    scale = tl.sum(sigma_sum, axis=0) / d + eps  # sbar + eps
+    inv_nd = 1.0 / (n_valid * d)
+
+    wsq_sum = tl.zeros((BLOCK_D,), tl.float64)
+    for start in range(0, max_d, BLOCK_D):
+        cols = start + offs
+        in_layer = cols < d
+        sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
+        sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
+        weight = tl.where(in_layer, _power(sigma / scale, power, ACC), 0.0)
+        wsq_sum += weight * sq_err
+        tl.store(stats + D_WEIGHT * max_d + cols, weight, mask=cols < max_d)
+        tl.store(stats + D_COEF_S * max_d + cols, 2.0 * weight * inv_nd, mask=cols < max_d)
+    weighted = tl.sum(wsq_sum, axis=0)
+    tl.store(losses + layer, (weighted * inv_nd).to(losses.dtype.element_ty))
+
+    # dT through the weights (DESIGN §1): coef_t = G_d / ((n' - 1) sigma_d).
+    mean_term = weighted / (d * scale)
+    for start in range(0, max_d, BLOCK_D):
+        cols = start + offs
+        in_layer = cols < d
+        sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
+        sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
+        weight = tl.load(stats + D_WEIGHT * max_d + cols, mask=in_layer, other=0.0)
+        g_d = power * inv_nd * (weight * sq_err / sigma - mean_term)
+        coef_t = tl.where(in_layer, g_d / ((n_valid - 1.0) * sigma), 0.0)
+        tl.store(stats + D_COEF_T * max_d + cols, coef_t, mask=cols < max_d)
+
+
+@triton.jit
+def _backward_kernel(
+    table, dim_stats, grad_losses, max_d,
+    S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    dblock = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    table_row = table + layer * TABLE_FIELDS
+    n = tl.load(table_row + N_ROWS)
+    d = tl.load(table_row + N_DIMS)
+    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    col_ok = cols < d
+    stats = dim_stats + layer * DIM_FIELDS * max_d + cols
+    g = tl.load(grad_losses + layer).to(ACC)
+    coef_s = (g * tl.load(stats + D_COEF_S * max_d, mask=col_ok, other=0.0)).to(ACC)[None, :]
+    coef_t = (g * tl.load(stats + D_COEF_T * max_d, mask=col_ok, other=0.0)).to(ACC)[None, :]
+    pivot = tl.load(stats + D_PIVOT * max_d, mask=col_ok, other=0.0).to(ACC)[None, :]
+    mean = tl.load(stats + D_MEAN * max_d, mask=col_ok, other=0.0).to(ACC)[None, :]
+    ds_base = tl.load(table_row + DS_PTR).to(tl.pointer_type(S_DTYPE))
+    dt_base = tl.load(table_row + DT_PTR).to(tl.pointer_type(T_DTYPE))
+    tile_rows = tl.arange(0, BLOCK_N).to(tl.int64)
+    for tile in range(TILES_PER_CHUNK):
+        rows = (chunk * TILES_PER_CHUNK + tile) * BLOCK_N + tile_rows
+        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK)
+        inside = (rows < n)[:, None] & col_ok[None, :]
+        # Gradients are written contiguous (n, d).
+        offs = rows[:, None] * d + cols[None, :]
+        ds = tl.where(valid[:, None], coef_s * (s - t), 0.0)
+        tl.store(ds_base + offs, ds.to(S_DTYPE), mask=inside)
+        if NEED_DT:
+            dt = tl.where(valid[:, None], coef_t * ((t - pivot) - mean) - ds, 0.0)
+            tl.store(dt_base + offs, dt.to(T_DTYPE), mask=inside)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Programs the interpreter aims at: it runs them one after another, so the fewest, largest
+# tiles are fastest. Tests raise it to exercise the chunk merge.
+INTERPRETER_PROGRAMS = 1
+
+
+def _launch_shape(max_n: int, max_d: int, num_layers: int, device: torch.device):
+    """``(BLOCK_N, BLOCK_D, TILES_PER_CHUNK, num_chunks)`` from the shapes alone.
+
+    It depends on nothing but shapes and the device, so a call's reduction order (hence its
+    bits) is the same every time. On a GPU the grid aims at a few waves of programs.
+    """
+    if interpreting():
+        block_n, block_d = 64, min(triton.next_power_of_2(max_d), 256)
+        target_programs = INTERPRETER_PROGRAMS
+    else:
+        block_n, block_d = 32, min(triton.next_power_of_2(max_d), 128)
+        target_programs = 8 * _num_sms(device)
+    tiles = triton.cdiv(max_n, block_n)
+    programs_per_chunk = num_layers * triton.cdiv(max_d, block_d)
+    chunks_wanted = max(1, target_programs // programs_per_chunk)
+    # Powers of two keep the number of compiled variants small.
+    tiles_per_chunk = min(triton.next_power_of_2(triton.cdiv(tiles, chunks_wanted)), 64)
+    return block_n, block_d, tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _layer_table(students, teachers, masks, d_students=(), d_teachers=(), power=0.0, eps=0.0):
+    """The ``(L * TABLE_FIELDS + 2,)`` int64 call table on the layers' device."""
+    rows = []
+    for i, (s, t, m) in enumerate(zip(students, teachers, masks)):
+        ds = d_students[i].data_ptr() if d_students else 0
+        dt = d_teachers[i].data_ptr() if d_teachers else 0
+        rows.append([s.data_ptr(), t.data_ptr(), 0 if m is None else m.data_ptr(),
+                     s.shape[0], s.shape[1], s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+                     ds, dt])
+    rows.append([_float_bits(power), _float_bits(eps)])
+    table = torch.tensor([v for row in rows for v in row], dtype=torch.int64)
+    return table.to(students[0].device, non_blocking=True)
+
+
+def _common(students, teachers, masks):
+    s_dtype, t_dtype = students[0].dtype, teachers[0].dtype
+    wide = torch.float64 in (s_dtype, t_dtype)
+    return dict(
+        S_DTYPE=_TL_DTYPES[s_dtype],
+        T_DTYPE=_TL_DTYPES[t_dtype],
+        ACC=tl.float64 if wide else tl.float32,
+        HAS_MASK=any(m is not None for m in masks),
+    )
+
+
+def eofd_forward(students, teachers, masks, power: float, eps: float):
+    """Per-layer losses ``(L,)`` and the per-dim statistics ``(L, DIM_FIELDS, max_d)`` fp64.
+
+    students, teachers: ``[(n_l, d_l)]`` with one dtype each across layers; masks: ``[(n_l,)]``
+    bool contiguous or None.
+    """
+    device = students[0].device
+    num_layers = len(students)
+    max_n = max(s.shape[0] for s in students)
+    max_d = max(s.shape[1] for s in students)
+    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers, device)
+    opts = _common(students, teachers, masks)
+    acc_dtype = torch.float64 if opts["ACC"] == tl.float64 else torch.float32
+    table = _layer_table(students, teachers, masks, power=power, eps=eps)
+    partials = torch.empty((num_layers, num_chunks, PARTIAL_FIELDS, max_d), dtype=acc_dtype,
+                           device=device)
+    dim_stats = torch.empty((num_layers, DIM_FIELDS, max_d), dtype=torch.float64, device=device)
+    losses = torch.empty(num_layers, dtype=acc_dtype, device=device)
+    dblocks = triton.cdiv(max_d, block_d)
+    _stats_kernel[(num_chunks, dblocks, num_layers)](
+        table, partials, num_chunks, max_d, BLOCK_N=block_n, BLOCK_D=block_d,
+        TILES_PER_CHUNK=tiles_per_chunk, **opts)
+    _merge_chunks_kernel[(dblocks, num_layers)](
+        table, partials, dim_stats, num_chunks, max_d, CHUNK_ROWS=block_n * tiles_per_chunk,
+        BLOCK_D=block_d)
+    _finalize_layers_kernel[(num_layers,)](
+        table, dim_stats, losses, max_d, ACC=opts["ACC"],
+        BLOCK_D=min(triton.next_power_of_2(max_d), 1024))
+    return losses, dim_stats
+
+
+def eofd_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool):
+    """dS ``[(n_l, d_l)]`` in the students' dtype, and dT likewise (``[]`` unless needed)."""
+    device = students[0].device
+    num_layers = len(students)
+    max_n = max(s.shape[0] for s in students)
+    max_d = dim_stats.shape[-1]
+    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers, device)
+    d_students = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in students]
+    d_teachers = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in teachers
+                  ] if need_teacher_grad else []
+    table = _layer_table(students, teachers, masks, d_students, d_teachers)
+    _backward_kernel[(num_chunks, triton.cdiv(max_d, block_d), num_layers)](
+        table, dim_stats, grad_losses.contiguous(), max_d, NEED_DT=need_teacher_grad,
+        BLOCK_N=block_n, BLOCK_D=block_d, TILES_PER_CHUNK=tiles_per_chunk,
+        **_common(students, teachers, masks))
+    return d_students, d_teachers
