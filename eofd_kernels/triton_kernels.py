@@ -81,7 +81,8 @@ def _load_tile(table_row, rows, cols, n, d, S_DTYPE: tl.constexpr, T_DTYPE: tl.c
         mask_int = tl.load(table_row + MASK_PTR)
         mask_base = mask_int.to(tl.pointer_type(tl.int8))
         # A layer without a mask has a null mask pointer: every in-range row counts.
-        flags = tl.load(mask_base + rows, mask=row_ok & (mask_int != 0), other=1)
+        has_mask = tl.full(rows.shape, 0, tl.int64) + mask_int != 0
+        flags = tl.load(mask_base + rows, mask=row_ok & has_mask, other=1)
         valid = row_ok & (flags != 0)
     return s, t, valid
 

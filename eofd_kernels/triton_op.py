@@ -68,7 +68,12 @@ def _backward(ctx, grad_losses, _grad_dim_stats):
         masks[i] = m
     d_students, d_teachers = triton_backward(grad_losses, students, teachers, masks, saved[-1],
                                              ctx.need_teacher_grad)
-    return d_students, d_teachers if ctx.need_teacher_grad else None, None, None, None
+    if not ctx.need_teacher_grad:
+        d_teachers = [None] * num_layers
+    # custom_op matches the grads' structure against the inputs', where a list of optional
+    # tensors holding a None counts as one leaf.
+    d_masks = [None] * num_layers if len(ctx.mask_layers) == num_layers else None
+    return d_students, d_teachers, d_masks, None, None
 
 
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
