@@ -50,7 +50,7 @@ def _as_layer_list(x, name: str) -> list[torch.Tensor]:
     if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
         layers = list(x)
         if not layers:
-            raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, got []")
+            raise ValueError(f"{name}: expected a tensor or a non-empty sequence, got []")
         for i, t in enumerate(layers):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")

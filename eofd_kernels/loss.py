@@ -39,7 +39,7 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
 
 
 class EOFDLoss(nn.Module):
-    """``nn.Module`` form of :func:`eofd_loss`: ``forward(student, teacher, mask, layer_weights)``."""
+    """:func:`eofd_loss` as a module: ``forward(student, teacher, mask, layer_weights)``."""
 
     def __init__(self, power: float = 0.5, reduction: str = "sum", eps: float = 0.0,
                  backend: str = "auto"):

@@ -1,0 +1,64 @@
+"""torch.library registration: opcheck, torch.compile(fullgraph=True) without graph breaks."""
+
+import pytest
+import torch
+
+import eofd_kernels as ek
+
+from .cases import CASES, build
+from .helpers import BACKEND_DEVICES, BACKEND_IDS, rel_err, run_backend
+
+needs_triton = pytest.mark.skipif("triton" not in ek.available_backends("cpu"),
+                                  reason="triton is not installed")
+
+
+def _op_args(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    shapes = ((6, 8), (5, 12))
+    students = [torch.randn(*sh, generator=g, dtype=dtype).to(device) for sh in shapes]
+    teachers = [torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in students]
+    for x in students + teachers:
+        x.requires_grad_()
+    masks = [torch.tensor([True, True, False, True, True, True], device=device), None]
+    return students, teachers, masks
+
+
+@needs_triton
+def test_opcheck_triton_forward():
+    from eofd_kernels.triton_op import triton_forward
+
+    students, teachers, masks = _op_args("cpu")
+    torch.library.opcheck(triton_forward, (students, teachers, masks, 0.5, 0.0))
+
+
+@needs_triton
+@pytest.mark.parametrize("need_teacher_grad", [True, False])
+def test_opcheck_triton_backward(need_teacher_grad):
+    from eofd_kernels.triton_op import triton_backward, triton_forward
+
+    students, teachers, masks = _op_args("cpu")
+    _, dim_stats = triton_forward(students, teachers, masks, 0.5, 0.0)
+    grad = torch.tensor([1.0, -2.0])
+    # No double backward: the backward op is checked on inputs that need no grad.
+    students, teachers = [s.detach() for s in students], [t.detach() for t in teachers]
+    torch.library.opcheck(triton_backward, (grad, students, teachers, masks, dim_stats.detach(),
+                                            need_teacher_grad))
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES, ids=BACKEND_IDS)
+def test_compile_fullgraph_matches_eager(backend, device):
+    layers = build(CASES[3], torch.float32, device)  # mixed shapes and masks
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(students, teachers, masks):
+        return ek.eofd_loss(students, teachers, mask=masks, reduction="none", backend=backend)
+
+    eager = run_backend(backend, *layers)
+    ss = [s.detach().requires_grad_() for s in layers[0]]
+    ts = [t.detach().requires_grad_() for t in layers[1]]
+    losses = step(ss, ts, layers[2])
+    grads = torch.autograd.grad(losses.sum(), ss + ts)
+    assert rel_err(losses, eager[0]) <= 1e-6
+    for g, e in zip(grads, eager[1] + eager[2]):
+        assert rel_err(g, e) <= 1e-6
