@@ -27,18 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layout
+
+# Triton kernels may read only constexpr globals.
+C = tl.constexpr
+
 # Layer table columns (int64). After the L layer rows: power and eps as float64 bit patterns,
 # so the finalize kernel sees them in full precision (a Python float argument becomes fp32).
-S_PTR, T_PTR, MASK_PTR, N_ROWS, N_DIMS, S_ROW, S_COL, T_ROW, T_COL, DS_PTR, DT_PTR = range(11)
-TABLE_FIELDS = 11
+S_PTR, T_PTR, MASK_PTR, N_ROWS, N_DIMS = C(0), C(1), C(2), C(3), C(4)
+S_ROW, S_COL, T_ROW, T_COL, DS_PTR, DT_PTR = C(5), C(6), C(7), C(8), C(9), C(10)
+TABLE_FIELDS = C(11)
 
 # Chunk partials, (L, chunks, PARTIAL_FIELDS, max_d) in the accumulation dtype.
-P_COUNT, P_PIVOT, P_MEAN, P_M2, P_SQERR = range(5)
-PARTIAL_FIELDS = 5
+P_COUNT, P_PIVOT, P_MEAN, P_M2, P_SQERR = C(0), C(1), C(2), C(3), C(4)
+PARTIAL_FIELDS = C(5)
 
-# Per-dim statistics, (L, DIM_FIELDS, max_d) float64: the forward's output kept for backward.
-D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
-DIM_FIELDS = 8
+# Per-dim statistics (eofd_kernels.layout).
+D_COUNT, D_PIVOT, D_MEAN, D_SIGMA = C(layout.D_COUNT), C(layout.D_PIVOT), C(layout.D_MEAN), C(
+    layout.D_SIGMA)
+D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = C(layout.D_SQERR), C(layout.D_WEIGHT), C(
+    layout.D_COEF_S), C(layout.D_COEF_T)
+DIM_FIELDS = C(layout.DIM_FIELDS)
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -343,9 +352,10 @@ def eofd_forward(students, teachers, masks, power: float, eps: float):
     opts = _common(students, teachers, masks)
     acc_dtype = torch.float64 if opts["ACC"] == tl.float64 else torch.float32
     table = _layer_table(students, teachers, masks, power=power, eps=eps)
-    partials = torch.empty((num_layers, num_chunks, PARTIAL_FIELDS, max_d), dtype=acc_dtype,
-                           device=device)
-    dim_stats = torch.empty((num_layers, DIM_FIELDS, max_d), dtype=torch.float64, device=device)
+    partials = torch.empty((num_layers, num_chunks, PARTIAL_FIELDS.value, max_d),
+                           dtype=acc_dtype, device=device)
+    dim_stats = torch.empty((num_layers, layout.DIM_FIELDS, max_d), dtype=torch.float64,
+                            device=device)
     losses = torch.empty(num_layers, dtype=acc_dtype, device=device)
     dblocks = triton.cdiv(max_d, block_d)
     _stats_kernel[(num_chunks, dblocks, num_layers)](
