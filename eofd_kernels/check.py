@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .backends import available_backends
@@ -65,8 +67,8 @@ def run_check(device: torch.device | str | None = None, reps: int = 5, print_fn=
             loss, ds = _loss_and_grads(students, teachers, masks, backend)
             loss_err = _max_rel([loss], [exact_loss])
             ds_err = _max_rel(ds, exact_ds)
-            ms = median(time_ms(lambda b=backend: _loss_and_grads(students, teachers, masks, b),
-                                device, reps=reps))
+            step = functools.partial(_loss_and_grads, students, teachers, masks, backend)
+            ms = median(time_ms(step, device, reps=reps))
             base_ms = base_ms or ms
             if backend != "reference":
                 ok &= max(loss_err, ds_err) <= 1e-5
