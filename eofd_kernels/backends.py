@@ -48,12 +48,18 @@ _MISSING = {
 }
 
 
+@torch.compiler.assume_constant_result
+def _missing(name: str, device_type: str) -> str | None:
+    """Why ``name`` cannot run on ``device_type`` tensors; a constant to ``torch.compile``."""
+    return _MISSING[name](torch.device(device_type))
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default: CUDA if present, else CPU), best first."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    return [name for name in BACKENDS if _MISSING[name](device) is None]
+    return [name for name in BACKENDS if _missing(name, device.type) is None]
 
 
 def _load(name: str) -> LayerLossFn:
@@ -81,10 +87,10 @@ def resolve_backend(name: str, device: torch.device) -> LayerLossFn:
     """
     if name == "auto":
         order = ("triton", "ext", "torch") if device.type == "cuda" else ("ext", "torch")
-        name = next(n for n in order if _MISSING[n](device) is None)
+        name = next(n for n in order if _missing(n, device.type) is None)
     elif name not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
-    missing = _MISSING[name](device)
+    missing = _missing(name, device.type)
     if missing is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device} tensors: {missing}")
     return _load(name)

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["missing_reason"]
+__all__ = ["load_error", "missing_reason"]
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """Imports ``eofd_kernels._C`` (registering the ``eofd_ext`` ops); the error, if any."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:
+        return (f"the compiled extension eofd_kernels._C is not built ({error}); build it with "
+                "`pip install --no-build-isolation -e .`")
+    return None
 
 
 def missing_reason(device: torch.device) -> str | None:
     """Why the compiled extension cannot run on ``device``, or None when it can."""
-    return "the compiled extension eofd_kernels._C is not built in this version"
+    error = load_error()
+    if error is not None:
+        return error
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("eofd_ext::forward",
+                                                                        key):
+        return f"the extension was built without {device.type} kernels"
+    return None

@@ -107,9 +107,12 @@ def test_bad_input_names_the_argument(kwargs, error, message):
     assert message in str(info.value)
 
 
-def test_unavailable_backend_says_what_is_missing():
-    with pytest.raises(RuntimeError, match="ext.*cannot run on cpu"):
-        ek.eofd_loss(s64, t64, backend="ext")
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_unavailable_backend_says_what_is_missing(backend):
+    from eofd_kernels.backends import resolve_backend
+
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run on meta tensors: "):
+        resolve_backend(backend, torch.device("meta"))
 
 
 def test_reference_backend_refuses_eps():

@@ -10,6 +10,8 @@ from .helpers import BACKEND_DEVICES, BACKEND_IDS, rel_err, run_backend
 
 needs_triton = pytest.mark.skipif("triton" not in ek.available_backends("cpu"),
                                   reason="triton is not installed")
+needs_ext = pytest.mark.skipif("ext" not in ek.available_backends("cpu"),
+                               reason="the compiled extension is not built")
 
 
 def _op_args(device, dtype=torch.float32):
@@ -62,3 +64,34 @@ def test_compile_fullgraph_matches_eager(backend, device):
     assert rel_err(losses, eager[0]) <= 1e-6
     for g, e in zip(grads, eager[1] + eager[2]):
         assert rel_err(g, e) <= 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("need_teacher_grad", [True, False])
+def test_opcheck_ext_ops(need_teacher_grad):
+    import eofd_kernels.ext_op  # noqa: F401  (registers fake impls and autograd)
+
+    students, teachers, masks = _op_args("cpu")
+    torch.library.opcheck(torch.ops.eofd_ext.forward.default,
+                          (students, teachers, masks, 0.5, 0.0))
+    _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)
+    students, teachers = [s.detach() for s in students], [t.detach() for t in teachers]
+    torch.library.opcheck(torch.ops.eofd_ext.backward.default,
+                          (torch.tensor([1.0, -2.0]), students, teachers, masks,
+                           dim_stats.detach(), need_teacher_grad))
+
+
+def test_header_layout_matches_python():
+    """csrc/include/eofd_params.h and eofd_kernels/layout.py describe the same dim_stats."""
+    import re
+    from pathlib import Path
+
+    from eofd_kernels import layout
+
+    header = (Path(__file__).parents[1] / "csrc/include/eofd_params.h").read_text()
+    body = re.search(r"enum DimField : int \{(.*?)\};", header, re.S).group(1)
+    names = [n.strip().split("=")[0].strip() for n in body.split(",") if n.strip()]
+    python = ["kCount", "kPivot", "kMean", "kSigma", "kSqErr", "kWeight", "kCoefS", "kCoefT"]
+    assert names == python + ["kDimFields"]
+    assert [getattr(layout, f"D_{n[1:].upper()}") for n in python] == list(range(8))
+    assert layout.DIM_FIELDS == len(python)

@@ -1,0 +1,302 @@
+// CPU implementation of eofd_ext::forward / backward (same algorithm as the GPU kernels).
+//
+// Work is split into fixed 256-row chunks per layer, never by thread count, and chunk results
+// are merged in chunk order: the bits do not depend on how many threads run.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../layer_table.h"
+
+namespace eofd {
+namespace {
+
+constexpr int64_t kChunkRows = 256;
+constexpr int64_t kTileRows = 32;
+
+// Accumulation type: fp64 for fp64 inputs, else fp32.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+struct Chunk {
+  int64_t layer, row_begin, row_end, offset;  // offset of its partial in the workspace
+};
+
+// Chunks of every layer, and the size of the partials workspace (4 d + 1 values per chunk).
+std::vector<Chunk> make_chunks(const LayerTable& table, int64_t* workspace) {
+  std::vector<Chunk> chunks;
+  *workspace = 0;
+  for (int64_t l = 0; l < static_cast<int64_t>(table.layers.size()); ++l) {
+    const LayerParams& p = table.layers[l];
+    for (int64_t r = 0; r < p.n; r += kChunkRows) {
+      chunks.push_back({l, r, std::min(r + kChunkRows, p.n), *workspace});
+      *workspace += 4 * p.d + 1;
+    }
+  }
+  return chunks;
+}
+
+// Statistics of rows [row_begin, row_end) of one layer into `out`:
+// [pivot | mean offset | M2 | sum (S - T)^2] (d each), then the valid-token count.
+// Tiles of kTileRows rows: exact two-pass stats around the tile's first valid row (the tile
+// stays in cache for the second pass), merged into the chunk with Chan's formula.
+template <typename scalar_t, typename acc_t>
+void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t* out) {
+  const int64_t d = p.d;
+  acc_t* __restrict__ pivot = out;
+  acc_t* __restrict__ mean = out + d;
+  acc_t* __restrict__ m2 = out + 2 * d;
+  acc_t* __restrict__ sq_err = out + 3 * d;
+  acc_t count = 0;
+  std::fill(out, out + 4 * d, acc_t(0));
+  std::vector<acc_t> tile_buffers(3 * d);
+  acc_t* __restrict__ tile_pivot = tile_buffers.data();
+  acc_t* __restrict__ tile_mean = tile_pivot + d;
+  acc_t* __restrict__ tile_m2 = tile_pivot + 2 * d;
+  const auto* S = static_cast<const scalar_t*>(p.student);
+  const auto* T = static_cast<const scalar_t*>(p.teacher);
+  int64_t rows[kTileRows];
+  for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
+    int64_t n_valid = 0;
+    for (int64_t r = tile; r < std::min(tile + kTileRows, row_end); ++r) {
+      if (p.mask == nullptr || p.mask[r]) rows[n_valid++] = r;
+    }
+    if (n_valid == 0) continue;
+    const scalar_t* first = T + rows[0] * p.teacher_row;
+    for (int64_t j = 0; j < d; ++j) {
+      tile_pivot[j] = static_cast<acc_t>(first[j]);
+      tile_mean[j] = 0;
+      tile_m2[j] = 0;
+    }
+    for (int64_t k = 0; k < n_valid; ++k) {
+      const scalar_t* __restrict__ s = S + rows[k] * p.student_row;
+      const scalar_t* __restrict__ t = T + rows[k] * p.teacher_row;
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t tj = static_cast<acc_t>(t[j]);
+        const acc_t e = static_cast<acc_t>(s[j]) - tj;
+        tile_mean[j] += tj - tile_pivot[j];
+        sq_err[j] += e * e;
+      }
+    }
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(n_valid);
+    for (int64_t j = 0; j < d; ++j) tile_mean[j] *= inv;
+    for (int64_t k = 0; k < n_valid; ++k) {
+      const scalar_t* __restrict__ t = T + rows[k] * p.teacher_row;
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t dev = (static_cast<acc_t>(t[j]) - tile_pivot[j]) - tile_mean[j];
+        tile_m2[j] += dev * dev;
+      }
+    }
+    // chan_merge with the count, uniform over dims, hoisted out of the loop.
+    if (count == 0) {
+      std::copy(tile_pivot, tile_pivot + d, pivot);
+      std::copy(tile_mean, tile_mean + d, mean);
+      std::copy(tile_m2, tile_m2 + d, m2);
+    } else {
+      const acc_t n_b = static_cast<acc_t>(n_valid);
+      const acc_t frac = n_b / (count + n_b);
+      const acc_t cross = count * frac;
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t delta = (tile_pivot[j] - pivot[j]) + (tile_mean[j] - mean[j]);
+        mean[j] += delta * frac;
+        m2[j] += tile_m2[j] + delta * delta * cross;
+      }
+    }
+    count += static_cast<acc_t>(n_valid);
+  }
+  out[4 * d] = count;
+}
+
+// Merges a layer's chunk partials in chunk order (fp64) and finalizes its loss and the
+// per-dim coefficients of the backward pass into `stats` (kDimFields rows of max_d).
+template <typename acc_t>
+double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_chunks,
+                      double power, double eps, double* stats, int64_t max_d) {
+  const int64_t d = p.d;
+  auto field = [&](DimField f) { return stats + f * max_d; };
+  double sigma_sum = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    Moments<double> acc{0, 0, 0, 0};
+    double sq_err = 0;
+    const acc_t* part = partials;
+    for (int64_t c = 0; c < num_chunks; ++c, part += 4 * d + 1) {
+      chan_merge(acc, Moments<double>{part[4 * d], part[j], part[d + j], part[2 * d + j]});
+      sq_err += part[3 * d + j];
+    }
+    const double sigma = std::sqrt(acc.m2 / (acc.count - 1.0));
+    field(kCount)[j] = acc.count;
+    field(kPivot)[j] = acc.pivot;
+    field(kMean)[j] = acc.mean;
+    field(kSigma)[j] = sigma;
+    field(kSqErr)[j] = sq_err;
+    sigma_sum += sigma;
+  }
+  const double n_valid = field(kCount)[0];
+  const double scale = sigma_sum / d + eps;
+  const double inv_nd = 1.0 / (n_valid * d);
+  double weighted = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double w = eofd_weight(field(kSigma)[j], scale, power);
+    field(kWeight)[j] = w;
+    field(kCoefS)[j] = 2.0 * w * inv_nd;
+    weighted += w * field(kSqErr)[j];
+  }
+  const double mean_term = weighted / (d * scale);
+  for (int64_t j = 0; j < d; ++j) {
+    field(kCoefT)[j] = eofd_coef_teacher(field(kWeight)[j], field(kSqErr)[j], field(kSigma)[j],
+                                         n_valid, static_cast<double>(d), power, mean_term);
+  }
+  return weighted * inv_nd;
+}
+
+template <typename scalar_t>
+void forward_impl(const LayerTable& table, double power, double eps, at::Tensor& losses,
+                  at::Tensor& dim_stats) {
+  using acc_t = acc_type<scalar_t>;
+  int64_t workspace_size = 0;
+  const std::vector<Chunk> chunks = make_chunks(table, &workspace_size);
+  std::vector<acc_t> workspace(workspace_size);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Chunk& c = chunks[i];
+      chunk_stats<scalar_t, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
+                                   workspace.data() + c.offset);
+    }
+  });
+  const int64_t num_layers = table.layers.size();
+  std::vector<int64_t> first_chunk(num_layers + 1, 0);
+  for (const Chunk& c : chunks) first_chunk[c.layer + 1]++;
+  for (int64_t l = 0; l < num_layers; ++l) first_chunk[l + 1] += first_chunk[l];
+  double* stats = dim_stats.data_ptr<double>();
+  std::vector<double> layer_loss(num_layers);
+  at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      const Chunk& c = chunks[first_chunk[l]];
+      layer_loss[l] = finalize_layer(table.layers[l], workspace.data() + c.offset,
+                                     first_chunk[l + 1] - first_chunk[l], power, eps,
+                                     stats + l * kDimFields * table.max_d, table.max_d);
+    }
+  });
+  losses.copy_(at::tensor(layer_loss, at::kDouble));
+}
+
+template <typename scalar_t>
+void backward_impl(const LayerTable& table, const std::vector<double>& grads,
+                   const at::Tensor& dim_stats, bool need_teacher_grad) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t num_layers = table.layers.size();
+  const int64_t max_d = table.max_d;
+  // Per layer, in acc_t: g * coef_s, g * coef_t, pivot, mean offset.
+  std::vector<acc_t> coefs(num_layers * 4 * max_d);
+  const double* stats = dim_stats.data_ptr<double>();
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const double* st = stats + l * kDimFields * max_d;
+    acc_t* c = coefs.data() + l * 4 * max_d;
+    for (int64_t j = 0; j < max_d; ++j) {
+      c[j] = static_cast<acc_t>(grads[l] * st[kCoefS * max_d + j]);
+      c[max_d + j] = static_cast<acc_t>(grads[l] * st[kCoefT * max_d + j]);
+      c[2 * max_d + j] = static_cast<acc_t>(st[kPivot * max_d + j]);
+      c[3 * max_d + j] = static_cast<acc_t>(st[kMean * max_d + j]);
+    }
+  }
+  int64_t unused = 0;
+  const std::vector<Chunk> chunks = make_chunks(table, &unused);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Chunk& ch = chunks[i];
+      const LayerParams& p = table.layers[ch.layer];
+      const acc_t* coef_s = coefs.data() + ch.layer * 4 * max_d;
+      const acc_t* coef_t = coef_s + max_d;
+      const acc_t* pivot = coef_s + 2 * max_d;
+      const acc_t* mean = coef_s + 3 * max_d;
+      const int64_t d = p.d;
+      for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
+        auto* ds = static_cast<scalar_t*>(p.grad_student) + r * d;
+        auto* dt = need_teacher_grad ? static_cast<scalar_t*>(p.grad_teacher) + r * d : nullptr;
+        if (p.mask != nullptr && !p.mask[r]) {
+          std::fill(ds, ds + d, scalar_t(0));
+          if (dt != nullptr) std::fill(dt, dt + d, scalar_t(0));
+          continue;
+        }
+        const auto* s = static_cast<const scalar_t*>(p.student) + r * p.student_row;
+        const auto* t = static_cast<const scalar_t*>(p.teacher) + r * p.teacher_row;
+        if (dt == nullptr) {
+          for (int64_t j = 0; j < d; ++j) {
+            ds[j] = static_cast<scalar_t>(
+                coef_s[j] * (static_cast<acc_t>(s[j]) - static_cast<acc_t>(t[j])));
+          }
+          continue;
+        }
+        for (int64_t j = 0; j < d; ++j) {
+          const acc_t tj = static_cast<acc_t>(t[j]);
+          const acc_t g_s = coef_s[j] * (static_cast<acc_t>(s[j]) - tj);
+          ds[j] = static_cast<scalar_t>(g_s);
+          dt[j] = static_cast<scalar_t>(coef_t[j] * ((tj - pivot[j]) - mean[j]) - g_s);
+        }
+      }
+    }
+  });
+}
+
+at::ScalarType result_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(
+    at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
+  const LayerTable table = make_layer_table(students, teachers, masks);
+  const int64_t num_layers = table.layers.size();
+  auto dim_stats = at::zeros({num_layers, kDimFields, table.max_d}, students[0].options()
+                                 .dtype(at::kDouble));
+  auto losses = at::empty({num_layers}, students[0].options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_forward_cpu", [&] {
+    forward_impl<scalar_t>(table, power, eps, losses, dim_stats);
+  });
+  return {losses.to(result_dtype(table.dtype)), dim_stats};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
+    const at::Tensor& grad_losses, at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& dim_stats,
+    bool need_teacher_grad) {
+  LayerTable table = make_layer_table(students, teachers, masks);
+  const int64_t num_layers = table.layers.size();
+  TORCH_CHECK(grad_losses.numel() == num_layers, "eofd_ext: grad_losses has ",
+              grad_losses.numel(), " values for ", num_layers, " layers");
+  TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
+                  dim_stats.sizes() == at::IntArrayRef({num_layers, kDimFields, table.max_d}),
+              "eofd_ext: dim_stats must be the forward's contiguous float64 (", num_layers, ", ",
+              int(kDimFields), ", ", table.max_d, "), got ", dim_stats.sizes());
+  const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
+  const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
+  std::vector<at::Tensor> d_students, d_teachers;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
+    table.layers[l].grad_student = d_students.back().data_ptr();
+    if (need_teacher_grad) {
+      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
+      table.layers[l].grad_teacher = d_teachers.back().data_ptr();
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
+                                  [&] {
+                                    backward_impl<scalar_t>(table, grads, dim_stats,
+                                                            need_teacher_grad);
+                                  });
+  return {d_students, d_teachers};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eofd_ext, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+}
+
+}  // namespace eofd

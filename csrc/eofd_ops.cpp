@@ -1,0 +1,20 @@
+// The op schemas, declared once. CPU and CUDA implementations register separately
+// (cpu/eofd_cpu.cpp, cuda/eofd_cuda_glue.cpp); fake impls and autograd live in Python
+// (eofd_kernels/ext_op.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(eofd_ext, m) {
+  // Per-layer losses (L,) and per-dim statistics (L, 8, max d) float64.
+  m.def("forward(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
+        "float eps) -> (Tensor, Tensor)");
+  // dS per layer, and dT per layer when need_teacher_grad (else []).
+  m.def("backward(Tensor grad_losses, Tensor[] students, Tensor[] teachers, Tensor?[] masks, "
+        "Tensor dim_stats, bool need_teacher_grad) -> (Tensor[], Tensor[])");
+}
+
+// An importable module, so `import eofd_kernels._C` loads the library and registers the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

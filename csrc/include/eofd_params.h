@@ -1,0 +1,83 @@
+// eofd-kernels: the torch-free contract shared by the CPU and CUDA kernels.
+//
+// One LayerParams per distilled layer; the kernels loop over a table of them, so layers of
+// different (n, d) go through the same launches without stacking copies. Only plain C++ (and
+// CUDA qualifiers under nvcc): this header compiles where PyTorch's CUDA headers are absent.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define EOFD_HD __host__ __device__ __forceinline__
+#else
+#define EOFD_HD inline
+#endif
+
+namespace eofd {
+
+// A layer's (n, d) views: rows are `*_row` elements apart, columns contiguous.
+struct LayerParams {
+  const void* student;
+  const void* teacher;
+  const bool* mask;  // (n,) or nullptr: every token counts
+  int64_t n;
+  int64_t d;
+  int64_t student_row;
+  int64_t teacher_row;
+  void* grad_student;  // (n, d) contiguous, backward only
+  void* grad_teacher;  // (n, d) contiguous or nullptr
+};
+
+// Fields of the per-dim statistics, (L, kDimFields, max_d) double; must match
+// eofd_kernels/layout.py. Dims past a layer's d are zero.
+enum DimField : int {
+  kCount = 0,
+  kPivot,
+  kMean,
+  kSigma,
+  kSqErr,
+  kWeight,
+  kCoefS,
+  kCoefT,
+  kDimFields
+};
+
+// Count, pivot (one actual valid value), mean of (x - pivot), M2 of one dim over some tokens.
+template <typename T>
+struct Moments {
+  T count;
+  T pivot;
+  T mean;
+  T m2;
+};
+
+// Chan's parallel merge of b into a, keeping a's pivot (an empty a takes b whole).
+template <typename T>
+EOFD_HD void chan_merge(Moments<T>& a, const Moments<T>& b) {
+  if (b.count == T(0)) return;
+  if (a.count == T(0)) {
+    a = b;
+    return;
+  }
+  const T n = a.count + b.count;
+  const T frac = b.count / n;
+  const T delta = (b.pivot - a.pivot) + (b.mean - a.mean);
+  a.mean += delta * frac;
+  a.m2 += b.m2 + delta * delta * a.count * frac;
+  a.count = n;
+}
+
+// w_d = (sigma_d / (sbar + eps)) ** p, with torch's x ** 0 == 1 (std::pow agrees).
+EOFD_HD double eofd_weight(double sigma, double scale, double power) {
+  return pow(sigma / scale, power);
+}
+
+// G_d / ((n' - 1) sigma_d): the teacher-gradient coefficient through the weights (DESIGN §1).
+EOFD_HD double eofd_coef_teacher(double weight, double sq_err, double sigma, double n_valid,
+                                 double d, double power, double mean_term) {
+  const double g = power / (n_valid * d) * (weight * sq_err / sigma - mean_term);
+  return g / ((n_valid - 1.0) * sigma);
+}
+
+}  // namespace eofd

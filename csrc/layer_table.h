@@ -1,0 +1,66 @@
+// Torch glue shared by the CPU and CUDA impls: input checks and the per-layer params table.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "include/eofd_params.h"
+
+namespace eofd {
+
+struct LayerTable {
+  std::vector<at::Tensor> keep_alive;  // contiguous copies made for inputs with strided columns
+  std::vector<LayerParams> layers;
+  int64_t max_d = 0;
+  at::ScalarType dtype;
+};
+
+inline at::Tensor rows_view(const at::Tensor& x, LayerTable& table) {
+  if (x.stride(1) == 1) return x;
+  table.keep_alive.push_back(x.contiguous());
+  return table.keep_alive.back();
+}
+
+// Checks the layers of one call and lays out their params; every message names the argument.
+inline LayerTable make_layer_table(at::TensorList students, at::TensorList teachers,
+                                   const c10::List<std::optional<at::Tensor>>& masks) {
+  const size_t num_layers = students.size();
+  TORCH_CHECK(num_layers > 0, "eofd_ext: students is empty");
+  TORCH_CHECK(teachers.size() == num_layers && masks.size() == num_layers,
+              "eofd_ext: got ", num_layers, " students, ", teachers.size(), " teachers and ",
+              masks.size(), " masks");
+  LayerTable table;
+  table.dtype = students[0].scalar_type();
+  const auto device = students[0].device();
+  for (size_t i = 0; i < num_layers; ++i) {
+    const at::Tensor& s = students[i];
+    const at::Tensor& t = teachers[i];
+    TORCH_CHECK(s.dim() == 2 && s.sizes() == t.sizes(), "eofd_ext: layer ", i,
+                ": student ", s.sizes(), " and teacher ", t.sizes(), " must be the same (n, d)");
+    TORCH_CHECK(s.scalar_type() == table.dtype && t.scalar_type() == table.dtype,
+                "eofd_ext: layer ", i, ": every student and teacher must be ", table.dtype,
+                ", got ", s.scalar_type(), " and ", t.scalar_type());
+    TORCH_CHECK(s.device() == device && t.device() == device, "eofd_ext: layer ", i,
+                ": expected tensors on ", device, ", got ", s.device(), " and ", t.device());
+    TORCH_CHECK(s.size(0) >= 1 && s.size(1) >= 1, "eofd_ext: layer ", i, " is empty");
+    const at::Tensor sv = rows_view(s, table);
+    const at::Tensor tv = rows_view(t, table);
+    const bool* mask = nullptr;
+    const std::optional<at::Tensor> m = masks[i];
+    if (m.has_value()) {
+      TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 1 && m->size(0) == s.size(0) &&
+                      m->is_contiguous() && m->device() == device,
+                  "eofd_ext: masks[", i, "] must be a contiguous bool (", s.size(0), ",) on ",
+                  device, ", got ", m->scalar_type(), " ", m->sizes());
+      mask = m->data_ptr<bool>();
+    }
+    table.layers.push_back(LayerParams{sv.data_ptr(), tv.data_ptr(), mask, s.size(0), s.size(1),
+                                       sv.stride(0), tv.stride(0), nullptr, nullptr});
+    table.max_d = std::max(table.max_d, s.size(1));
+  }
+  return table;
+}
+
+}  // namespace eofd
