@@ -9,7 +9,7 @@ import torch
 __all__ = ["load_error", "missing_reason"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_error() -> str | None:
     """Imports ``eofd_kernels._C`` (registering the ``eofd_ext`` ops); the error, if any."""
     try:
