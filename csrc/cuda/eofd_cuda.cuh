@@ -1,0 +1,22 @@
+// Launchers of the CUDA kernels (defined in eofd_cuda.cu); torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../include/eofd_params.h"
+
+namespace eofd {
+
+// layers: device array of num_layers LayerParams. partials: device workspace of
+// num_layers * num_chunks * 5 * max_d accumulators (double for kFloat64, else float).
+// dim_stats: (L, kDimFields, max_d) double; losses: (L,) double.
+cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
+                           bool has_mask, double power, double eps, void* partials,
+                           double* dim_stats, double* losses, cudaStream_t stream);
+
+// grads: (L,) double, the incoming gradient of every layer's loss.
+cudaError_t launch_backward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
+                            bool has_mask, bool need_teacher_grad, const double* grads,
+                            const double* dim_stats, cudaStream_t stream);
+
+}  // namespace eofd

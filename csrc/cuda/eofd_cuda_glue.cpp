@@ -1,0 +1,119 @@
+// Torch glue of the CUDA kernels: checks, allocation, stream, registration under CUDA.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../layer_table.h"
+#include "eofd_cuda.cuh"
+
+namespace eofd {
+namespace {
+
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "eofd_ext: unsupported dtype ", t);
+  }
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// From shapes and the device alone, so the reduction order (the bits) never varies.
+LaunchShape launch_shape(const LayerTable& table, const at::Device& device) {
+  LaunchShape shape{};
+  shape.num_layers = static_cast<int>(table.layers.size());
+  shape.max_d = table.max_d;
+  for (const LayerParams& p : table.layers) shape.max_n = std::max(shape.max_n, p.n);
+  const int64_t block_d = int64_t(kDimThreads) * (16 / at::elementSize(table.dtype));
+  const int64_t tiles = cdiv(shape.max_n, int64_t(kRowGroups) * kRowsPerThread);
+  const int64_t sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+  const int64_t wanted = std::max<int64_t>(
+      1, 4 * sms / (shape.num_layers * cdiv(shape.max_d, block_d)));
+  shape.tiles_per_chunk = cdiv(tiles, wanted);
+  shape.num_chunks = cdiv(tiles, shape.tiles_per_chunk);
+  return shape;
+}
+
+// The params table in device memory, copied from pinned host memory on the current stream.
+at::Tensor device_table(const LayerTable& table, const at::Device& device) {
+  const int64_t bytes = table.layers.size() * sizeof(LayerParams);
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), table.layers.data(), bytes);
+  return host.to(device, /*non_blocking=*/true);
+}
+
+bool any_mask(const LayerTable& table) {
+  return std::any_of(table.layers.begin(), table.layers.end(),
+                     [](const LayerParams& p) { return p.mask != nullptr; });
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
+  const at::cuda::CUDAGuard guard(students[0].device());
+  const LayerTable table = make_layer_table(students, teachers, masks);
+  const LaunchShape shape = launch_shape(table, students[0].device());
+  const auto options = students[0].options();
+  const auto acc = table.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials =
+      at::empty({shape.num_layers * shape.num_chunks * 5 * shape.max_d}, options.dtype(acc));
+  at::Tensor dim_stats = at::empty({shape.num_layers, kDimFields, shape.max_d},
+                                   options.dtype(at::kDouble));
+  at::Tensor losses = at::empty({shape.num_layers}, options.dtype(at::kDouble));
+  const at::Tensor layers = device_table(table, students[0].device());
+  check_launch(launch_forward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
+                              kernel_dtype(table.dtype), any_mask(table), power, eps,
+                              partials.data_ptr(), dim_stats.data_ptr<double>(),
+                              losses.data_ptr<double>(), at::cuda::getCurrentCUDAStream()));
+  return {losses.to(acc), dim_stats};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
+    const at::Tensor& grad_losses, at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& dim_stats,
+    bool need_teacher_grad) {
+  const at::cuda::CUDAGuard guard(students[0].device());
+  LayerTable table = make_layer_table(students, teachers, masks);
+  const LaunchShape shape = launch_shape(table, students[0].device());
+  TORCH_CHECK(grad_losses.numel() == shape.num_layers, "eofd_ext: grad_losses has ",
+              grad_losses.numel(), " values for ", shape.num_layers, " layers");
+  TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
+                  dim_stats.size(-1) == shape.max_d,
+              "eofd_ext: dim_stats must be the forward's contiguous float64 statistics");
+  const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
+  std::vector<at::Tensor> d_students, d_teachers;
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
+    table.layers[l].grad_student = d_students.back().data_ptr();
+    if (need_teacher_grad) {
+      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
+      table.layers[l].grad_teacher = d_teachers.back().data_ptr();
+    }
+  }
+  const at::Tensor layers = device_table(table, students[0].device());
+  check_launch(launch_backward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
+                               kernel_dtype(table.dtype), any_mask(table), need_teacher_grad,
+                               grads.data_ptr<double>(), dim_stats.data_ptr<double>(),
+                               at::cuda::getCurrentCUDAStream()));
+  return {d_students, d_teachers};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eofd_ext, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace eofd
