@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "include/eofd_params.h"
@@ -61,6 +62,22 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
     table.max_d = std::max(table.max_d, s.size(1));
   }
   return table;
+}
+
+// dS (and dT) for every layer, in the inputs' shapes and dtypes, wired into the table.
+inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> allocate_grads(
+    LayerTable& table, at::TensorList students, at::TensorList teachers,
+    bool need_teacher_grad) {
+  std::vector<at::Tensor> d_students, d_teachers;
+  for (size_t l = 0; l < table.layers.size(); ++l) {
+    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
+    table.layers[l].grad_student = d_students.back().data_ptr();
+    if (need_teacher_grad) {
+      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
+      table.layers[l].grad_teacher = d_teachers.back().data_ptr();
+    }
+  }
+  return {d_students, d_teachers};
 }
 
 }  // namespace eofd

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["time_ms"]
+__all__ = ["median", "time_ms"]
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,

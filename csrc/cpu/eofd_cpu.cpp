@@ -275,21 +275,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
               int(kDimFields), ", ", table.max_d, "), got ", dim_stats.sizes());
   const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
   const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
-  std::vector<at::Tensor> d_students, d_teachers;
-  for (int64_t l = 0; l < num_layers; ++l) {
-    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
-    table.layers[l].grad_student = d_students.back().data_ptr();
-    if (need_teacher_grad) {
-      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
-      table.layers[l].grad_teacher = d_teachers.back().data_ptr();
-    }
-  }
+  auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
                                   [&] {
                                     backward_impl<scalar_t>(table, grads, dim_stats,
                                                             need_teacher_grad);
                                   });
-  return {d_students, d_teachers};
+  return grads_out;
 }
 
 }  // namespace

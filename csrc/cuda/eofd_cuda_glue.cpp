@@ -92,21 +92,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
                   dim_stats.size(-1) == shape.max_d,
               "eofd_ext: dim_stats must be the forward's contiguous float64 statistics");
   const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
-  std::vector<at::Tensor> d_students, d_teachers;
-  for (int64_t l = 0; l < shape.num_layers; ++l) {
-    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
-    table.layers[l].grad_student = d_students.back().data_ptr();
-    if (need_teacher_grad) {
-      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
-      table.layers[l].grad_teacher = d_teachers.back().data_ptr();
-    }
-  }
+  auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad);
   const at::Tensor layers = device_table(table, students[0].device());
   check_launch(launch_backward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
                                kernel_dtype(table.dtype), any_mask(table), need_teacher_grad,
                                grads.data_ptr<double>(), dim_stats.data_ptr<double>(),
                                at::cuda::getCurrentCUDAStream()));
-  return {d_students, d_teachers};
+  return grads_out;
 }
 
 }  // namespace
