@@ -233,11 +233,27 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d, ACC: tl.constexpr,
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``x.to(DTYPE)`` rounded to nearest even.
+
+    Compiled Triton rounds fp32 -> bf16 to nearest even (fptrunc); the interpreter truncates
+    (triton/runtime/interpreter.py casts with no rounding mode), which biases every bf16
+    gradient towards zero. SOFT_BF16 (set only when interpreting) does the RTNE in integer
+    arithmetic so the interpreter stores what the GPU stores.
+    """
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _backward_kernel(
     table, dim_stats, grad_losses, max_d,
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
     NEED_DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TILES_PER_CHUNK: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     dblock = tl.program_id(1)
@@ -263,10 +279,10 @@ def _backward_kernel(
         # Gradients are written contiguous (n, d).
         offs = rows[:, None] * d + cols[None, :]
         ds = tl.where(valid[:, None], coef_s * (s - t), 0.0)
-        tl.store(ds_base + offs, ds.to(S_DTYPE), mask=inside)
+        tl.store(ds_base + offs, _round_to(ds, S_DTYPE, SOFT_BF16), mask=inside)
         if NEED_DT:
             dt = tl.where(valid[:, None], coef_t * ((t - pivot) - mean) - ds, 0.0)
-            tl.store(dt_base + offs, dt.to(T_DTYPE), mask=inside)
+            tl.store(dt_base + offs, _round_to(dt, T_DTYPE, SOFT_BF16), mask=inside)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -384,5 +400,5 @@ def eofd_backward(grad_losses, students, teachers, masks, dim_stats, need_teache
     _backward_kernel[(num_chunks, triton.cdiv(max_d, block_d), num_layers)](
         table, dim_stats, grad_losses.contiguous(), max_d, NEED_DT=need_teacher_grad,
         BLOCK_N=block_n, BLOCK_D=block_d, TILES_PER_CHUNK=tiles_per_chunk,
-        **_common(students, teachers, masks))
+        SOFT_BF16=interpreting(), **_common(students, teachers, masks))
     return d_students, d_teachers

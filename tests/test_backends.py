@@ -94,6 +94,33 @@ def test_low_precision_within_twice_reference_error(backend, device, dtype, case
         assert rel_err(g, e) <= bound, (name, rel_err(g, e), ref_err)
 
 
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` numbers around each float64 value of ``x``."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    exponent = torch.frexp(x.double()).exponent - 1  # |x| in [2^e, 2^(e+1))
+    exponent = exponent.clamp_min(int(math.log2(info.smallest_normal)))
+    return torch.pow(2.0, (exponent - mantissa_bits).double())
+
+
+@backend_device
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_gradients_are_correctly_rounded(backend, device, dtype):
+    """dS in bf16/fp16 is the float64 gradient rounded to nearest (not truncated).
+
+    dS = c_d * (S - T) is computed in fp32 from exact inputs (relative error ~1e-7, < 1e-4 of
+    a bf16/fp16 ulp), so every element must lie within 0.5 ulp + 1e-3 ulp of the exact value;
+    truncation (the Triton interpreter's default cast) misses by up to half an ulp more. dT is
+    left out: it is a difference of O(1) terms, so its fp32 error is absolute, not relative.
+    """
+    layers = build(next(c for c in CASES if c.name == "long"), dtype, device)
+    _, exact_ds, _ = oracle(*layers)
+    _, ds, _ = run_backend(backend, *layers, teacher_grad=False)
+    for g, e in zip(ds, exact_ds):
+        err_ulps = (g.double().cpu() - e.cpu()).abs() / _ulp(e.cpu(), dtype)
+        assert err_ulps.max() <= 0.501, err_ulps.max().item()
+
+
 def _reference_in_dtype(students, teachers, masks):
     """The paper's code run in the inputs' own (low) precision, with autograd."""
     ss = [s.detach().requires_grad_() for s in students]

@@ -1,0 +1,12 @@
+"""Distillation helpers around the EOFD loss for Hugging Face models.
+
+    from eofd_kernels.distill import DistillationLoss, HiddenProjection, uniform_layer_map
+"""
+
+from .layer_map import LayerMap, explicit_layer_map, last_k_layer_map, uniform_layer_map
+from .objective import DistillationLoss, DistillationOutput, soft_cross_entropy
+from .projection import HiddenProjection, attach_projection
+
+__all__ = ["DistillationLoss", "DistillationOutput", "HiddenProjection", "LayerMap",
+           "attach_projection", "explicit_layer_map", "last_k_layer_map", "soft_cross_entropy",
+           "uniform_layer_map"]

@@ -1,0 +1,158 @@
+"""The distillation objective around EOFD: ``L = L_pred + lambda * sum_l L_EOFD(l)``.
+
+This is the paper's one-step distillation for GPT-2 and T5 (001, Tables 14 and 16: lambda, the
+"hidden state ratio", is 1e-4 there and matches the two losses' scales; the temperature is 1).
+``L_pred`` is TinyBERT's prediction-layer loss, the soft cross-entropy between the teacher's and
+the student's logits at temperature tau, averaged over the rows of the logits (examples, or the
+valid tokens when the logits are per token).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..loss import eofd_loss
+from .layer_map import LayerMap
+from .projection import HiddenProjection
+
+__all__ = ["DistillationLoss", "DistillationOutput", "soft_cross_entropy"]
+
+
+class DistillationOutput(NamedTuple):
+    """loss: the total; pred: ``L_pred`` (0 without logits); hidden: ``sum_l L_EOFD(l)``;
+    layer_losses: ``(L,)`` per distilled layer, named by ``layer_names`` (e.g. ``"dec 2<-4"``:
+    student hidden state 2 from teacher hidden state 4 of the decoder)."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    hidden: torch.Tensor
+    layer_losses: torch.Tensor
+    layer_names: list[str]
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                       temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_rows(-softmax(z_t / tau) . log_softmax(z_s / tau))`` over the last dim.
+
+    student_logits, teacher_logits: ``(..., C)``; mask: None or the leading shape ``(...)``
+    (bool or 0/1) selecting the rows that count. Returns a float32 (float64) 0-dim tensor.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits: expected the teacher's shape "
+                         f"{tuple(teacher_logits.shape)}, got {tuple(student_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p = torch.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    q = torch.softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    per_row = -(q * log_p).sum(-1)
+    if mask is None:
+        return per_row.mean()
+    if mask.shape != per_row.shape:
+        raise ValueError(f"mask: expected the logits' leading shape {tuple(per_row.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    keep = mask.to(torch.bool)
+    return per_row[keep].mean()
+
+
+def _is_seq2seq(model_out) -> bool:
+    return getattr(model_out, "encoder_hidden_states", None) is not None
+
+
+class DistillationLoss(nn.Module):
+    """EOFD on mapped hidden states (+ KD on logits) for Hugging Face model outputs.
+
+    Call both models with ``output_hidden_states=True``. Encoder-only and decoder-only models
+    (BERT, GPT-2) use ``layer_map`` on ``hidden_states`` with ``attention_mask``; encoder-decoder
+    models (T5) use ``layer_map`` on ``encoder_hidden_states`` with ``attention_mask`` and
+    ``decoder_layer_map`` on ``decoder_hidden_states`` with ``decoder_attention_mask``. All
+    distilled layers of a step go through one :func:`eofd_kernels.eofd_loss` call.
+
+    Args:
+        layer_map / decoder_layer_map: ``(student_index, teacher_index)`` pairs, see
+            :mod:`eofd_kernels.distill.layer_map`.
+        projection / decoder_projection: a :class:`HiddenProjection` with one map per pair, or
+            None when the widths already match.
+        power: EOFD's p (0 is plain MSE); hidden_weight: lambda; temperature: tau of ``L_pred``;
+        use_logits: add ``L_pred`` (both outputs must have ``logits``);
+        eps, backend: passed to :func:`eofd_kernels.eofd_loss`.
+    """
+
+    def __init__(self, layer_map: LayerMap, projection: HiddenProjection | None = None, *,
+                 decoder_layer_map: LayerMap | None = None,
+                 decoder_projection: HiddenProjection | None = None, power: float = 0.5,
+                 hidden_weight: float = 1.0, temperature: float = 1.0, use_logits: bool = True,
+                 eps: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        for name, pairs, proj in (("layer_map", layer_map, projection),
+                                  ("decoder_layer_map", decoder_layer_map, decoder_projection)):
+            if proj is not None and (pairs is None or proj.num_layers != len(pairs)):
+                raise ValueError(f"{name}: the projection has {proj.num_layers} maps but the "
+                                 f"layer map has {0 if pairs is None else len(pairs)} pairs")
+        self.layer_map, self.decoder_layer_map = tuple(layer_map), decoder_layer_map
+        # Not submodules: the projections belong to the student (attach_projection), so they
+        # are not registered twice in an optimiser built from both modules.
+        self._projections = {"enc": projection, "dec": decoder_projection}
+        self.power, self.hidden_weight, self.eps = power, hidden_weight, eps
+        self.temperature, self.use_logits, self.backend = temperature, use_logits, backend
+
+    def _sides(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
+        """Yield (tag, layer map, projection, student states, teacher states, mask)."""
+        if _is_seq2seq(teacher_out):
+            if self.decoder_layer_map is None:
+                raise ValueError("decoder_layer_map: required for encoder-decoder outputs")
+            yield ("enc", self.layer_map, self._projections["enc"],
+                   student_out.encoder_hidden_states, teacher_out.encoder_hidden_states,
+                   attention_mask)
+            yield ("dec", self.decoder_layer_map, self._projections["dec"],
+                   student_out.decoder_hidden_states, teacher_out.decoder_hidden_states,
+                   decoder_attention_mask)
+            return
+        if getattr(teacher_out, "hidden_states", None) is None:
+            raise ValueError("teacher_out: no hidden states; call the model with "
+                             "output_hidden_states=True")
+        yield ("", self.layer_map, self._projections["enc"], student_out.hidden_states,
+               teacher_out.hidden_states, attention_mask)
+
+    def forward(self, student_out, teacher_out, attention_mask: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None) -> DistillationOutput:
+        students, teachers, masks, names = [], [], [], []
+        for tag, pairs, proj, s_states, t_states, mask in self._sides(
+                student_out, teacher_out, attention_mask, decoder_attention_mask):
+            if s_states is None:
+                raise ValueError("student_out: no hidden states; call the model with "
+                                 "output_hidden_states=True")
+            picked = [s_states[s] for s, _ in pairs]
+            students += picked if proj is None else proj(picked)
+            teachers += [t_states[t] for _, t in pairs]
+            masks += [mask] * len(pairs)
+            names += [f"{tag} {s}<-{t}".strip() for s, t in pairs]
+        layer_losses = eofd_loss(students, teachers, power=self.power, mask=masks,
+                                 reduction="none", eps=self.eps, backend=self.backend)
+        hidden = layer_losses.sum()
+        pred = hidden.new_zeros(())
+        if self.use_logits:
+            pred = self._pred_loss(student_out, teacher_out, attention_mask,
+                                   decoder_attention_mask)
+        return DistillationOutput(pred + self.hidden_weight * hidden, pred, hidden,
+                                  layer_losses, names)
+
+    def _pred_loss(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
+        s_logits = getattr(student_out, "logits", None)
+        t_logits = getattr(teacher_out, "logits", None)
+        if s_logits is None or t_logits is None:
+            raise ValueError("use_logits: both outputs need logits (or pass use_logits=False)")
+        # Per-token logits (causal or seq2seq LM) use the mask of the tokens they belong to.
+        mask = decoder_attention_mask if _is_seq2seq(teacher_out) else attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(t_logits.shape[:-1]):
+            mask = None
+        return soft_cross_entropy(s_logits, t_logits, temperature=self.temperature, mask=mask)
+
+    def extra_repr(self) -> str:
+        return (f"layer_map={self.layer_map}, decoder_layer_map={self.decoder_layer_map}, "
+                f"power={self.power}, hidden_weight={self.hidden_weight}, "
+                f"temperature={self.temperature}, use_logits={self.use_logits}, "
+                f"backend={self.backend!r}")
