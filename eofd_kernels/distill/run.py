@@ -1,0 +1,238 @@
+"""``eofd-kernels distill``: distil a pretrained teacher into a smaller student, EOFD vs MSE.
+
+Both students start from the same weights, see the same batches and take the same optimiser
+steps; they differ only in the power of the hidden-state loss (EOFD's p, or 0: plain MSE).
+Everything is offline: the teacher comes from an installed package (or is random, and says
+so), the text from Python's standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import available_backends
+from ..loss import eofd_loss
+from ..progress import progress
+from ..timing import median, time_ms
+from .corpus import stdlib_sentences
+from .layer_map import uniform_layer_map
+from .models import load_teacher, make_student
+from .objective import DistillationLoss
+from .projection import HiddenProjection, attach_projection
+
+__all__ = ["DistillConfig", "run_distill"]
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "minilm"
+    student_layers: int = 3
+    student_width: int = 192
+    backend: str = "auto"
+    steps: int = 300
+    power: float = 0.5
+    batch_size: int = 16
+    max_length: int = 64
+    lr: float = 5e-4
+    seed: int = 0
+    top_dims: int = 8
+    device: str | None = None
+
+
+@dataclass
+class Student:
+    name: str
+    model: torch.nn.Module
+    objective: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+
+
+def _students(cfg: DistillConfig, teacher, device) -> list[Student]:
+    layer_map = uniform_layer_map(cfg.student_layers, teacher.config.num_hidden_layers)
+    base = make_student(teacher, cfg.student_layers, cfg.student_width, cfg.seed)
+    attach_projection(base, HiddenProjection(cfg.student_width, teacher.config.hidden_size,
+                                             len(layer_map)))
+    warmup = max(1, cfg.steps // 10)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay (TinyBERT's)
+        return min((step + 1) / warmup, max(0.0, (cfg.steps - step) / (cfg.steps - warmup + 1)))
+
+    students = []
+    for name, power in ((f"EOFD p={cfg.power:g}", cfg.power), ("MSE (p=0)", 0.0)):
+        model = copy.deepcopy(base).to(device).train()  # the same start for both
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        objective = DistillationLoss(layer_map, model.eofd_projection, power=power,
+                                     use_logits=False, backend=cfg.backend)
+        students.append(Student(name, model, objective, optimizer,
+                                torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)))
+    return students
+
+
+def _batches(sentences: list[str], cfg: DistillConfig):
+    """Shuffled epochs of ``batch_size`` sentences, forever (seeded)."""
+    rng = random.Random(cfg.seed)
+    while True:
+        order = sentences[:]
+        rng.shuffle(order)
+        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            yield order[i:i + cfg.batch_size]
+
+
+def _tokenize(tokenizer, texts, cfg, device) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, max_length=cfg.max_length, padding=True, truncation=True,
+                    return_tensors="pt")
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def _train(cfg, teacher, tokenizer, students, sentences, device):
+    batches = _batches(sentences, cfg)
+    bar = progress(range(cfg.steps), total=cfg.steps, desc="distilling")
+    for step in bar:
+        batch = _tokenize(tokenizer, next(batches), cfg, device)
+        with torch.no_grad():
+            t_out = teacher(**batch, output_hidden_states=True)
+        losses = []
+        for st in students:
+            torch.manual_seed(cfg.seed + step)  # the same dropout masks for both students
+            out = st.objective(st.model(**batch, output_hidden_states=True), t_out,
+                               batch["attention_mask"])
+            st.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
+            st.optimizer.step()
+            st.schedule.step()
+            losses.append(out)
+        bar.set_postfix_str("  ".join(f"{st.name}: {o.loss.item():.4f}"
+                                      for st, o in zip(students, losses)))
+        if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps - 1:
+            eofd = losses[0]
+            layers = ", ".join(f"{n} {v:.4f}" for n, v in zip(eofd.layer_names,
+                                                              eofd.layer_losses.tolist()))
+            bar.write(f"step {step:4d}  {students[0].name} per layer (student<-teacher): {layers}")
+
+
+@torch.no_grad()
+def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str, dict]:
+    """Held-out metrics per student, on every mapped layer and the sentence embedding.
+
+    top-k FVU: the student's squared error over the teacher's variance, both summed over the
+    teacher's k highest-variance dims of a mapped layer (averaged over layers); all-dims FVU
+    likewise over every dim; cosine: of mean-pooled last hidden states (all-MiniLM's sentence
+    embedding), the student's through its last projection.
+    """
+    batches = [_tokenize(tokenizer, sentences[i:i + 64], cfg, device)
+               for i in range(0, len(sentences), 64)]
+    layer_map = students[0].objective.layer_map
+    t_states, masks = [[] for _ in layer_map], []
+    for batch in batches:
+        out = teacher(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"].bool()
+        masks.append(mask)
+        for i, (_, t) in enumerate(layer_map):
+            t_states[i].append(out.hidden_states[t][mask].double())
+    teacher_tokens = [torch.cat(x) for x in t_states]
+    t_embed = _mean_pool(teacher_tokens[-1], masks)
+    results = {}
+    for st in students:
+        st.model.eval()
+        s_states = [[] for _ in layer_map]
+        for batch, mask in zip(batches, masks):
+            out = st.model(**batch, output_hidden_states=True)
+            projected = st.model.eofd_projection([out.hidden_states[s] for s, _ in layer_map])
+            for i, p in enumerate(projected):
+                s_states[i].append(p[mask].double())
+        top, every = [], []
+        for s, t in zip((torch.cat(x) for x in s_states), teacher_tokens):
+            error, spread = ((s - t) ** 2).sum(0), ((t - t.mean(0)) ** 2).sum(0)
+            dims = spread.topk(cfg.top_dims).indices
+            top.append((error[dims].sum() / spread[dims].sum()).item())
+            every.append((error.sum() / spread.sum()).item())
+        s_embed = _mean_pool(torch.cat(s_states[-1]), masks)
+        results[st.name] = {
+            "top_dims_fvu": sum(top) / len(top),
+            "all_dims_fvu": sum(every) / len(every),
+            "embedding_cosine": F.cosine_similarity(s_embed, t_embed, dim=-1).mean().item(),
+        }
+    return results
+
+
+def _mean_pool(tokens: torch.Tensor, masks) -> torch.Tensor:
+    """Sentence embeddings: the mean of each sentence's valid-token states."""
+    counts = torch.cat([m.sum(1) for m in masks]).tolist()
+    return torch.stack([chunk.mean(0) for chunk in tokens.split(counts)])
+
+
+def _loss_timings(cfg, teacher, tokenizer, student: Student, sentences, device) -> dict:
+    """Forward+backward ms of the hidden-state loss on one training batch, per backend."""
+    batch = _tokenize(tokenizer, sentences[: cfg.batch_size], cfg, device)
+    with torch.no_grad():
+        t_out = teacher(**batch, output_hidden_states=True)
+        s_out = student.model(**batch, output_hidden_states=True)
+        layer_map = student.objective.layer_map
+        projected = student.model.eofd_projection([s_out.hidden_states[s] for s, _ in layer_map])
+    teachers = [t_out.hidden_states[t] for _, t in layer_map]
+    students = [p.detach() for p in projected]
+    mask = batch["attention_mask"]
+
+    def step(loss_fn):
+        leaves = [s.detach().requires_grad_() for s in students]
+        torch.autograd.grad(loss_fn(leaves), leaves)
+
+    providers = {
+        backend: functools.partial(_eofd_all, teachers=teachers, mask=mask, power=cfg.power,
+                                   backend=backend)
+        for backend in available_backends(device)
+    }
+    providers["F.mse_loss (no weights)"] = functools.partial(_mse_all, teachers=teachers,
+                                                             mask=mask)
+    return {name: median(time_ms(functools.partial(step, fn), device, reps=10))
+            for name, fn in providers.items()}
+
+
+def _eofd_all(students, *, teachers, mask, power, backend):
+    return eofd_loss(students, teachers, power=power, mask=mask, backend=backend)
+
+
+def _mse_all(students, *, teachers, mask):
+    keep = mask.bool()
+    return sum(F.mse_loss(s[keep], t[keep]) for s, t in zip(students, teachers))
+
+
+def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
+    """Train the EOFD and the MSE student, print and return the held-out comparison."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(cfg.teacher)
+    model = teacher.model.to(device)
+    train, held_out = stdlib_sentences()
+    students = _students(cfg, model, device)
+    tc = model.config
+    print_fn(f"teacher: {teacher.description}; {tc.num_hidden_layers} layers, d={tc.hidden_size}")
+    print_fn(f"students: {cfg.student_layers} layers, d={cfg.student_width}, projected to "
+             f"d={tc.hidden_size}; layer map (student<-teacher): "
+             f"{students[0].objective.layer_map}")
+    print_fn(f"text: {len(train)} training / {len(held_out)} held-out sentences from Python's "
+             f"pydoc topics; {cfg.steps} steps of {cfg.batch_size}; device {device}; "
+             f"loss backend {cfg.backend!r}")
+    _train(cfg, model, teacher.tokenizer, students, train, device)
+    results = _evaluate(cfg, model, teacher.tokenizer, students, held_out, device)
+    print_fn(f"\nheld-out comparison ({len(held_out)} sentences; lower FVU is better, "
+             f"FVU = unexplained share of the teacher's variance):")
+    print_fn(f"{'student':14} {f'FVU top-{cfg.top_dims} dims':>16} {'FVU all dims':>13} "
+             f"{'embedding cos':>14}")
+    for name, r in results.items():
+        print_fn(f"{name:14} {r['top_dims_fvu']:16.4f} {r['all_dims_fvu']:13.4f} "
+                 f"{r['embedding_cosine']:14.4f}")
+    timings = _loss_timings(cfg, model, teacher.tokenizer, students[0], train, device)
+    print_fn("hidden-state loss, fwd+bwd per step (all mapped layers): " + ", ".join(
+        f"{name} {ms:.2f} ms" for name, ms in timings.items()))
+    return {"results": results, "timings_ms": timings,
+            "finite": all(math.isfinite(v) for r in results.values() for v in r.values())}
