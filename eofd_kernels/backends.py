@@ -14,10 +14,15 @@ import torch
 
 from .inputs import LayerBatch
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "interpreting", "resolve_backend"]
 
 BACKENDS = ("triton", "ext", "torch", "reference")
 LayerLossFn = Callable[[LayerBatch, float, float], torch.Tensor]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_missing(device: torch.device) -> str | None:
@@ -26,7 +31,7 @@ def _triton_missing(device: torch.device) -> str | None:
         return "the 'triton' package is not installed"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type == "cpu" and interpreting():
         return None
     if device.type == "cpu":
         return ("Triton needs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .bench import cli as bench_cli
+
 __all__ = ["main"]
 
 
@@ -41,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     check.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
     _add_distill(commands)
+    bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        return bench_cli.run(args)
     if args.command == "distill":
         from .distill.run import DistillConfig, run_distill
 

@@ -20,7 +20,6 @@ Backward, one launch: ``_backward_kernel`` writes dS (and dT when the teacher ne
 from __future__ import annotations
 
 import functools
-import os
 import struct
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import layout
+from .backends import interpreting
 
 # Triton kernels may read only constexpr globals.
 C = tl.constexpr
@@ -286,11 +286,6 @@ def _backward_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache

@@ -1,0 +1,1 @@
+"""Benchmarks of the EOFD loss: providers, shapes, the sweep and its report (DESIGN §6)."""

@@ -1,0 +1,80 @@
+"""What the benchmarks time: the eager and compiled paper code, plain MSE (the "no weighting"
+baseline, eager and compiled) and our backends, as forward or forward+backward steps."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import available_backends, interpreting
+from ..loss import eofd_loss
+from ..reference import eofd_loss_reference
+from .shapes import Shape
+
+__all__ = ["BASELINES", "MODES", "make_inputs", "make_step", "providers"]
+
+MODES = ("fwd", "fwd+bwd")
+BASELINES = ("eager ref", "compiled ref", "mse eager", "mse compiled")
+
+
+def _reference_sum(students, teachers, power: float):
+    return sum(eofd_loss_reference(s, t, power) for s, t in zip(students, teachers))
+
+
+def _mse_sum(students, teachers):
+    return sum(F.mse_loss(s, t) for s, t in zip(students, teachers))
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
+
+
+def providers(device: torch.device) -> list[str]:
+    """The baselines, then every backend of ours that runs natively on ``device``."""
+    ours = [b for b in available_backends(device) if b != "reference"]
+    if device.type == "cpu" and interpreting():
+        ours = [b for b in ours if b != "triton"]  # the interpreter is a test tool, not a backend
+    return list(BASELINES) + ours
+
+
+def _loss_fn(provider: str, power: float) -> Callable:
+    if provider in ("eager ref", "compiled ref"):
+        fn = functools.partial(_reference_sum, power=power)
+    elif provider in ("mse eager", "mse compiled"):
+        fn = _mse_sum
+    else:
+        fn = functools.partial(eofd_loss, power=power, backend=provider)
+    return _compiled(fn) if "compiled" in provider else fn
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """``shape.layers`` (student, teacher) pairs ``(B, N, d)``; teachers carry outlier dims."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    students, teachers = [], []
+    for _ in range(shape.layers):
+        spread = torch.ones(shape.d, device=device)
+        spread[: max(1, shape.d // 256)] = 30.0
+        size = (shape.batch, shape.seq, shape.d)
+        t = torch.randn(size, device=device, generator=g) * spread
+        s = t + 0.5 * torch.randn(size, device=device, generator=g)
+        students.append(s.to(dtype))
+        teachers.append(t.to(dtype))
+    return students, teachers
+
+
+def make_step(provider: str, mode: str, students, teachers, power: float = 0.5) -> Callable:
+    """A no-argument step: the loss (``fwd``) or the loss and dS (``fwd+bwd``, frozen teacher,
+    the training case). Student leaves are made once, outside the timed call."""
+    loss_fn = _loss_fn(provider, power)
+    if mode == "fwd":
+        return functools.partial(loss_fn, students, teachers)
+    leaves = [s.detach().requires_grad_() for s in students]
+
+    def step():
+        return torch.autograd.grad(loss_fn(leaves, teachers), leaves)
+
+    return step
