@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../layer_table.h"
+#include "stream_store.h"
 
 namespace eofd {
 namespace {
@@ -41,6 +42,44 @@ std::vector<Chunk> make_chunks(const LayerTable& table, int64_t* workspace) {
   return chunks;
 }
 
+// Rows per register block: each pass over a dim's accumulators takes kBlockRows rows, so the
+// accumulators are loaded and stored once per kBlockRows rows instead of once per row.
+constexpr int kBlockRows = 4;
+
+// For R rows: shifted[j] += sum_q (t_q[j] - pivot[j]); sq_err[j] += sum_q (s_q[j] - t_q[j])^2.
+template <int R, typename scalar_t, typename acc_t>
+void add_rows(const scalar_t* const* s, const scalar_t* const* t, int64_t d,
+              const acc_t* __restrict__ pivot, acc_t* __restrict__ shifted,
+              acc_t* __restrict__ sq_err) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    acc_t sum = 0, sq = 0;
+    for (int q = 0; q < R; ++q) {
+      const acc_t tj = static_cast<acc_t>(t[q][j]);
+      const acc_t e = static_cast<acc_t>(s[q][j]) - tj;
+      sum += tj - pivot[j];
+      sq += e * e;
+    }
+    shifted[j] += sum;
+    sq_err[j] += sq;
+  }
+}
+
+// For R rows: m2[j] += sum_q ((t_q[j] - pivot[j]) - mean[j])^2 (the tile is in cache).
+template <int R, typename scalar_t, typename acc_t>
+void add_deviations(const scalar_t* const* t, int64_t d, const acc_t* __restrict__ pivot,
+                    const acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    acc_t sum = 0;
+    for (int q = 0; q < R; ++q) {
+      const acc_t dev = (static_cast<acc_t>(t[q][j]) - pivot[j]) - mean[j];
+      sum += dev * dev;
+    }
+    m2[j] += sum;
+  }
+}
+
 // Statistics of rows [row_begin, row_end) of one layer into `out`:
 // [pivot | mean offset | M2 | sum (S - T)^2] (d each), then the valid-token count.
 // Tiles of kTileRows rows: exact two-pass stats around the tile's first valid row (the tile
@@ -60,38 +99,32 @@ void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t
   acc_t* __restrict__ tile_m2 = tile_pivot + 2 * d;
   const auto* S = static_cast<const scalar_t*>(p.student);
   const auto* T = static_cast<const scalar_t*>(p.teacher);
-  int64_t rows[kTileRows];
+  const scalar_t* s_rows[kTileRows];
+  const scalar_t* t_rows[kTileRows];
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
-    int64_t n_valid = 0;
+    int n_valid = 0;
     for (int64_t r = tile; r < std::min(tile + kTileRows, row_end); ++r) {
-      if (p.mask == nullptr || p.mask[r]) rows[n_valid++] = r;
+      if (p.mask != nullptr && !p.mask[r]) continue;
+      s_rows[n_valid] = S + r * p.student_row;
+      t_rows[n_valid++] = T + r * p.teacher_row;
     }
     if (n_valid == 0) continue;
-    const scalar_t* first = T + rows[0] * p.teacher_row;
     for (int64_t j = 0; j < d; ++j) {
-      tile_pivot[j] = static_cast<acc_t>(first[j]);
+      tile_pivot[j] = static_cast<acc_t>(t_rows[0][j]);
       tile_mean[j] = 0;
       tile_m2[j] = 0;
     }
-    for (int64_t k = 0; k < n_valid; ++k) {
-      const scalar_t* __restrict__ s = S + rows[k] * p.student_row;
-      const scalar_t* __restrict__ t = T + rows[k] * p.teacher_row;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t tj = static_cast<acc_t>(t[j]);
-        const acc_t e = static_cast<acc_t>(s[j]) - tj;
-        tile_mean[j] += tj - tile_pivot[j];
-        sq_err[j] += e * e;
-      }
+    int k = 0;
+    for (; k + kBlockRows <= n_valid; k += kBlockRows) {
+      add_rows<kBlockRows>(s_rows + k, t_rows + k, d, tile_pivot, tile_mean, sq_err);
     }
+    for (; k < n_valid; ++k) add_rows<1>(s_rows + k, t_rows + k, d, tile_pivot, tile_mean, sq_err);
     const acc_t inv = acc_t(1) / static_cast<acc_t>(n_valid);
     for (int64_t j = 0; j < d; ++j) tile_mean[j] *= inv;
-    for (int64_t k = 0; k < n_valid; ++k) {
-      const scalar_t* __restrict__ t = T + rows[k] * p.teacher_row;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t dev = (static_cast<acc_t>(t[j]) - tile_pivot[j]) - tile_mean[j];
-        tile_m2[j] += dev * dev;
-      }
+    for (k = 0; k + kBlockRows <= n_valid; k += kBlockRows) {
+      add_deviations<kBlockRows>(t_rows + k, d, tile_pivot, tile_mean, tile_m2);
     }
+    for (; k < n_valid; ++k) add_deviations<1>(t_rows + k, d, tile_pivot, tile_mean, tile_m2);
     // chan_merge with the count, uniform over dims, hoisted out of the loop.
     if (count == 0) {
       std::copy(tile_pivot, tile_pivot + d, pivot);
@@ -215,6 +248,8 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       const acc_t* pivot = coef_s + 2 * max_d;
       const acc_t* mean = coef_s + 3 * max_d;
       const int64_t d = p.d;
+      const size_t row_bytes = d * sizeof(scalar_t);
+      std::vector<scalar_t> ds_row(d), dt_row(need_teacher_grad ? d : 0);  // L1-resident
       for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
         auto* ds = static_cast<scalar_t*>(p.grad_student) + r * d;
         auto* dt = need_teacher_grad ? static_cast<scalar_t*>(p.grad_teacher) + r * d : nullptr;
@@ -225,21 +260,28 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
         }
         const auto* s = static_cast<const scalar_t*>(p.student) + r * p.student_row;
         const auto* t = static_cast<const scalar_t*>(p.teacher) + r * p.teacher_row;
+        scalar_t* __restrict__ ds_out = ds_row.data();
         if (dt == nullptr) {
+#pragma omp simd
           for (int64_t j = 0; j < d; ++j) {
-            ds[j] = static_cast<scalar_t>(
+            ds_out[j] = static_cast<scalar_t>(
                 coef_s[j] * (static_cast<acc_t>(s[j]) - static_cast<acc_t>(t[j])));
           }
-          continue;
+        } else {
+          scalar_t* __restrict__ dt_out = dt_row.data();
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            const acc_t tj = static_cast<acc_t>(t[j]);
+            const acc_t g_s = coef_s[j] * (static_cast<acc_t>(s[j]) - tj);
+            ds_out[j] = static_cast<scalar_t>(g_s);
+            dt_out[j] = static_cast<scalar_t>(coef_t[j] * ((tj - pivot[j]) - mean[j]) - g_s);
+          }
+          stream_copy(dt, dt_out, row_bytes);
         }
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t tj = static_cast<acc_t>(t[j]);
-          const acc_t g_s = coef_s[j] * (static_cast<acc_t>(s[j]) - tj);
-          ds[j] = static_cast<scalar_t>(g_s);
-          dt[j] = static_cast<scalar_t>(coef_t[j] * ((tj - pivot[j]) - mean[j]) - g_s);
-        }
+        stream_copy(ds, ds_out, row_bytes);
       }
     }
+    stream_fence();
   });
 }
 
