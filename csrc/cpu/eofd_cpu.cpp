@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../layer_table.h"
+#include "element.h"
 #include "stream_store.h"
 
 namespace eofd {
@@ -47,16 +48,16 @@ std::vector<Chunk> make_chunks(const LayerTable& table, int64_t* workspace) {
 constexpr int kBlockRows = 4;
 
 // For R rows: shifted[j] += sum_q (t_q[j] - pivot[j]); sq_err[j] += sum_q (s_q[j] - t_q[j])^2.
-template <int R, typename scalar_t, typename acc_t>
-void add_rows(const scalar_t* const* s, const scalar_t* const* t, int64_t d,
+template <int R, typename elem_t, typename acc_t>
+void add_rows(const elem_t* const* s, const elem_t* const* t, int64_t d,
               const acc_t* __restrict__ pivot, acc_t* __restrict__ shifted,
               acc_t* __restrict__ sq_err) {
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) {
     acc_t sum = 0, sq = 0;
     for (int q = 0; q < R; ++q) {
-      const acc_t tj = static_cast<acc_t>(t[q][j]);
-      const acc_t e = static_cast<acc_t>(s[q][j]) - tj;
+      const acc_t tj = widen(t[q][j]);
+      const acc_t e = widen(s[q][j]) - tj;
       sum += tj - pivot[j];
       sq += e * e;
     }
@@ -66,14 +67,14 @@ void add_rows(const scalar_t* const* s, const scalar_t* const* t, int64_t d,
 }
 
 // For R rows: m2[j] += sum_q ((t_q[j] - pivot[j]) - mean[j])^2 (the tile is in cache).
-template <int R, typename scalar_t, typename acc_t>
-void add_deviations(const scalar_t* const* t, int64_t d, const acc_t* __restrict__ pivot,
+template <int R, typename elem_t, typename acc_t>
+void add_deviations(const elem_t* const* t, int64_t d, const acc_t* __restrict__ pivot,
                     const acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) {
     acc_t sum = 0;
     for (int q = 0; q < R; ++q) {
-      const acc_t dev = (static_cast<acc_t>(t[q][j]) - pivot[j]) - mean[j];
+      const acc_t dev = (widen(t[q][j]) - pivot[j]) - mean[j];
       sum += dev * dev;
     }
     m2[j] += sum;
@@ -84,7 +85,7 @@ void add_deviations(const scalar_t* const* t, int64_t d, const acc_t* __restrict
 // [pivot | mean offset | M2 | sum (S - T)^2] (d each), then the valid-token count.
 // Tiles of kTileRows rows: exact two-pass stats around the tile's first valid row (the tile
 // stays in cache for the second pass), merged into the chunk with Chan's formula.
-template <typename scalar_t, typename acc_t>
+template <typename elem_t, typename acc_t>
 void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t* out) {
   const int64_t d = p.d;
   acc_t* __restrict__ pivot = out;
@@ -97,10 +98,10 @@ void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t
   acc_t* __restrict__ tile_pivot = tile_buffers.data();
   acc_t* __restrict__ tile_mean = tile_pivot + d;
   acc_t* __restrict__ tile_m2 = tile_pivot + 2 * d;
-  const auto* S = static_cast<const scalar_t*>(p.student);
-  const auto* T = static_cast<const scalar_t*>(p.teacher);
-  const scalar_t* s_rows[kTileRows];
-  const scalar_t* t_rows[kTileRows];
+  const auto* S = static_cast<const elem_t*>(p.student);
+  const auto* T = static_cast<const elem_t*>(p.teacher);
+  const elem_t* s_rows[kTileRows];
+  const elem_t* t_rows[kTileRows];
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
     int n_valid = 0;
     for (int64_t r = tile; r < std::min(tile + kTileRows, row_end); ++r) {
@@ -110,7 +111,7 @@ void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t
     }
     if (n_valid == 0) continue;
     for (int64_t j = 0; j < d; ++j) {
-      tile_pivot[j] = static_cast<acc_t>(t_rows[0][j]);
+      tile_pivot[j] = widen(t_rows[0][j]);
       tile_mean[j] = 0;
       tile_m2[j] = 0;
     }
@@ -197,7 +198,7 @@ void forward_impl(const LayerTable& table, double power, double eps, at::Tensor&
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Chunk& c = chunks[i];
-      chunk_stats<scalar_t, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
+      chunk_stats<element_t<scalar_t>, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
                                    workspace.data() + c.offset);
     }
   });
@@ -222,6 +223,7 @@ template <typename scalar_t>
 void backward_impl(const LayerTable& table, const std::vector<double>& grads,
                    const at::Tensor& dim_stats, bool need_teacher_grad) {
   using acc_t = acc_type<scalar_t>;
+  using elem_t = element_t<scalar_t>;
   const int64_t num_layers = table.layers.size();
   const int64_t max_d = table.max_d;
   // Per layer, in acc_t: g * coef_s, g * coef_t, pivot, mean offset.
@@ -248,33 +250,32 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       const acc_t* pivot = coef_s + 2 * max_d;
       const acc_t* mean = coef_s + 3 * max_d;
       const int64_t d = p.d;
-      const size_t row_bytes = d * sizeof(scalar_t);
-      std::vector<scalar_t> ds_row(d), dt_row(need_teacher_grad ? d : 0);  // L1-resident
+      const size_t row_bytes = d * sizeof(elem_t);
+      std::vector<elem_t> ds_row(d), dt_row(need_teacher_grad ? d : 0);  // L1-resident
       for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
-        auto* ds = static_cast<scalar_t*>(p.grad_student) + r * d;
-        auto* dt = need_teacher_grad ? static_cast<scalar_t*>(p.grad_teacher) + r * d : nullptr;
+        auto* ds = static_cast<elem_t*>(p.grad_student) + r * d;
+        auto* dt = need_teacher_grad ? static_cast<elem_t*>(p.grad_teacher) + r * d : nullptr;
         if (p.mask != nullptr && !p.mask[r]) {
-          std::fill(ds, ds + d, scalar_t(0));
-          if (dt != nullptr) std::fill(dt, dt + d, scalar_t(0));
+          std::fill(ds, ds + d, narrow<elem_t>(acc_t(0)));
+          if (dt != nullptr) std::fill(dt, dt + d, narrow<elem_t>(acc_t(0)));
           continue;
         }
-        const auto* s = static_cast<const scalar_t*>(p.student) + r * p.student_row;
-        const auto* t = static_cast<const scalar_t*>(p.teacher) + r * p.teacher_row;
-        scalar_t* __restrict__ ds_out = ds_row.data();
+        const auto* s = static_cast<const elem_t*>(p.student) + r * p.student_row;
+        const auto* t = static_cast<const elem_t*>(p.teacher) + r * p.teacher_row;
+        elem_t* __restrict__ ds_out = ds_row.data();
         if (dt == nullptr) {
 #pragma omp simd
           for (int64_t j = 0; j < d; ++j) {
-            ds_out[j] = static_cast<scalar_t>(
-                coef_s[j] * (static_cast<acc_t>(s[j]) - static_cast<acc_t>(t[j])));
+            ds_out[j] = narrow<elem_t>(coef_s[j] * (widen(s[j]) - widen(t[j])));
           }
         } else {
-          scalar_t* __restrict__ dt_out = dt_row.data();
+          elem_t* __restrict__ dt_out = dt_row.data();
 #pragma omp simd
           for (int64_t j = 0; j < d; ++j) {
-            const acc_t tj = static_cast<acc_t>(t[j]);
-            const acc_t g_s = coef_s[j] * (static_cast<acc_t>(s[j]) - tj);
-            ds_out[j] = static_cast<scalar_t>(g_s);
-            dt_out[j] = static_cast<scalar_t>(coef_t[j] * ((tj - pivot[j]) - mean[j]) - g_s);
+            const acc_t tj = widen(t[j]);
+            const acc_t g_s = coef_s[j] * (widen(s[j]) - tj);
+            ds_out[j] = narrow<elem_t>(g_s);
+            dt_out[j] = narrow<elem_t>(coef_t[j] * ((tj - pivot[j]) - mean[j]) - g_s);
           }
           stream_copy(dt, dt_out, row_bytes);
         }

@@ -28,9 +28,12 @@ def _mse_sum(students, teachers):
     return sum(F.mse_loss(s, t) for s, t in zip(students, teachers))
 
 
-@functools.cache
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn)
+    """``torch.compile`` specialised to this point's shapes. Dynamo's caches are reset first:
+    a sweep would otherwise hit its recompile limit after a few shapes and silently run the
+    remaining points eagerly."""
+    torch.compiler.reset()
+    return torch.compile(fn, dynamic=False)
 
 
 def providers(device: torch.device) -> list[str]:
