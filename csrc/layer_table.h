@@ -65,15 +65,18 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
 }
 
 // dS (and dT) for every layer, in the inputs' shapes and dtypes, wired into the table.
-inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> allocate_grads(
+// `empty_like(x)`: an uninitialised contiguous tensor of x's sizes and dtype (the kernels write
+// rows at r * d), from the device's allocator.
+template <typename EmptyLike>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> allocate_grads(
     LayerTable& table, at::TensorList students, at::TensorList teachers,
-    bool need_teacher_grad) {
+    bool need_teacher_grad, EmptyLike empty_like) {
   std::vector<at::Tensor> d_students, d_teachers;
   for (size_t l = 0; l < table.layers.size(); ++l) {
-    d_students.push_back(at::empty(students[l].sizes(), students[l].options()));
+    d_students.push_back(empty_like(students[l]));
     table.layers[l].grad_student = d_students.back().data_ptr();
     if (need_teacher_grad) {
-      d_teachers.push_back(at::empty(teachers[l].sizes(), teachers[l].options()));
+      d_teachers.push_back(empty_like(teachers[l]));
       table.layers[l].grad_teacher = d_teachers.back().data_ptr();
     }
   }

@@ -81,6 +81,29 @@ def test_opcheck_ext_ops(need_teacher_grad):
                            dim_stats.detach(), need_teacher_grad))
 
 
+@needs_ext
+def test_ext_cpu_gradients_reuse_freed_buffers():
+    """The CPU op's dS comes from a size-keyed pool: a step's freed buffers (already faulted
+    in) serve the next step, and pooled tensors behave like any other (in place, resize)."""
+    students, teachers, masks = build(CASES[1], torch.float32, "cpu")
+
+    def grads():
+        _, ds, _ = run_backend("ext", students, teachers, masks, teacher_grad=False)
+        return ds
+
+    first = grads()
+    pointers = sorted(g.data_ptr() for g in first)
+    want = [g.clone() for g in first]
+    del first
+    second = grads()
+    assert sorted(g.data_ptr() for g in second) == pointers
+    for g, w in zip(second, want):
+        assert torch.equal(g, w)
+    g = second[0]
+    g.mul_(2).resize_(g.numel() * 2)
+    assert torch.equal(g[: want[0].numel()].view_as(want[0]), 2 * want[0])
+
+
 def test_header_layout_matches_python():
     """csrc/include/eofd_params.h and eofd_kernels/layout.py describe the same dim_stats."""
     import re

@@ -13,6 +13,7 @@
 
 #include "../layer_table.h"
 #include "element.h"
+#include "output_pool.h"
 #include "stream_store.h"
 
 namespace eofd {
@@ -318,7 +319,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
               int(kDimFields), ", ", table.max_d, "), got ", dim_stats.sizes());
   const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
   const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
-  auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad);
+  auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
+                                  [](const at::Tensor& x) {
+                                    return OutputPool::instance()->empty(x.sizes(),
+                                                                         x.scalar_type());
+                                  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
                                   [&] {
                                     backward_impl<scalar_t>(table, grads, dim_stats,

@@ -92,7 +92,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
                   dim_stats.size(-1) == shape.max_d,
               "eofd_ext: dim_stats must be the forward's contiguous float64 statistics");
   const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
-  auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad);
+  auto grads_out =
+      allocate_grads(table, students, teachers, need_teacher_grad,
+                     [](const at::Tensor& x) { return at::empty(x.sizes(), x.options()); });
   const at::Tensor layers = device_table(table, students[0].device());
   check_launch(launch_backward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
                                kernel_dtype(table.dtype), any_mask(table), need_teacher_grad,

@@ -118,7 +118,7 @@ def plot(records: list[Record], out_dir: Path, mode: str = "fwd+bwd") -> list[Pa
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for provider in ours + [EAGER, COMPILED, MSE_COMPILED]:
+    for provider in ours + [COMPILED, MSE_COMPILED]:
         for dtype in dtypes:
             xs, ys = series(provider, dtype, lambda v, p=provider: _field(v, p, "gb_per_s"))
             ax.plot(xs, ys, marker="o", label=f"{provider} {dtype}")
