@@ -64,7 +64,7 @@ PRESETS = {
     "cpu": Preset(
         shapes=tuple([model_shape("tinybert-4", 8, 128), model_shape("t5-small", 8, 128)]
                      + _sweeps("bert-base", (2, 8), (), 8, 128)),
-        dtypes=(torch.float32, torch.bfloat16), reps=7),
+        dtypes=(torch.float32, torch.bfloat16), reps=20),
     # The GPU sweep: every paper model at B=32, N=128, and batch / sequence sweeps at
     # BERT-base and at the Flan-T5-XXL width.
     "gpu": Preset(
