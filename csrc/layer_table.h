@@ -64,6 +64,18 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
   return table;
 }
 
+// The backward's own inputs: one grad per layer, and the forward's float64 dim_stats.
+inline void check_backward_inputs(const LayerTable& table, const at::Tensor& grad_losses,
+                                  const at::Tensor& dim_stats) {
+  const int64_t num_layers = table.layers.size();
+  TORCH_CHECK(grad_losses.numel() == num_layers, "eofd_ext: grad_losses has ",
+              grad_losses.numel(), " values for ", num_layers, " layers");
+  TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
+                  dim_stats.sizes() == at::IntArrayRef({num_layers, kDimFields, table.max_d}),
+              "eofd_ext: dim_stats must be the forward's contiguous float64 (", num_layers, ", ",
+              int(kDimFields), ", ", table.max_d, "), got ", dim_stats.sizes());
+}
+
 // dS (and dT) for every layer, in the inputs' shapes and dtypes, wired into the table.
 // `empty_like(x)`: an uninitialised contiguous tensor of x's sizes and dtype (the kernels write
 // rows at r * d), from the device's allocator.

@@ -82,6 +82,19 @@ def test_opcheck_ext_ops(need_teacher_grad):
 
 
 @needs_ext
+def test_ext_backward_rejects_mismatched_inputs():
+    import eofd_kernels.ext_op  # noqa: F401
+
+    students, teachers, masks = _op_args("cpu")
+    _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)
+    with pytest.raises(RuntimeError, match="grad_losses has 3 values for 2 layers"):
+        torch.ops.eofd_ext.backward(torch.ones(3), students, teachers, masks, dim_stats, False)
+    with pytest.raises(RuntimeError, match="dim_stats must be the forward's"):
+        torch.ops.eofd_ext.backward(torch.ones(2), students, teachers, masks,
+                                    dim_stats[:1], False)
+
+
+@needs_ext
 def test_ext_cpu_gradients_reuse_freed_buffers():
     """The CPU op's dS comes from a size-keyed pool: a step's freed buffers (already faulted
     in) serve the next step, and pooled tensors behave like any other (in place, resize)."""

@@ -310,13 +310,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
     const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& dim_stats,
     bool need_teacher_grad) {
   LayerTable table = make_layer_table(students, teachers, masks);
+  check_backward_inputs(table, grad_losses, dim_stats);
   const int64_t num_layers = table.layers.size();
-  TORCH_CHECK(grad_losses.numel() == num_layers, "eofd_ext: grad_losses has ",
-              grad_losses.numel(), " values for ", num_layers, " layers");
-  TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
-                  dim_stats.sizes() == at::IntArrayRef({num_layers, kDimFields, table.max_d}),
-              "eofd_ext: dim_stats must be the forward's contiguous float64 (", num_layers, ", ",
-              int(kDimFields), ", ", table.max_d, "), got ", dim_stats.sizes());
   const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
   const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,

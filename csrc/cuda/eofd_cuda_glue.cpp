@@ -86,11 +86,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
   const at::cuda::CUDAGuard guard(students[0].device());
   LayerTable table = make_layer_table(students, teachers, masks);
   const LaunchShape shape = launch_shape(table, students[0].device());
-  TORCH_CHECK(grad_losses.numel() == shape.num_layers, "eofd_ext: grad_losses has ",
-              grad_losses.numel(), " values for ", shape.num_layers, " layers");
-  TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
-                  dim_stats.size(-1) == shape.max_d,
-              "eofd_ext: dim_stats must be the forward's contiguous float64 statistics");
+  check_backward_inputs(table, grad_losses, dim_stats);
   const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
   auto grads_out =
       allocate_grads(table, students, teachers, need_teacher_grad,
