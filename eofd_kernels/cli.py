@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .backends import BACKENDS
 from .bench import cli as bench_cli
 
 __all__ = ["main"]
@@ -24,8 +25,7 @@ def _add_distill(commands) -> None:
                         "random teacher if it is missing), 'random', or a local model folder")
     p.add_argument("--student-layers", type=int, default=d.student_layers)
     p.add_argument("--student-width", type=int, default=d.student_width)
-    p.add_argument("--backend", default=d.backend,
-                   choices=["auto", "triton", "ext", "torch", "reference"])
+    p.add_argument("--backend", default=d.backend, choices=["auto", *BACKENDS])
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--power", type=float, default=d.power, help="EOFD's p (the MSE run uses 0)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
