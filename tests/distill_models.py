@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ, BATCH, LABELS = 96, 12, 4, 3
 
