@@ -100,8 +100,15 @@ def _long(g):
     return [s], [t], [_mask(g, 2, 150, keep=0.9)]
 
 
+def _wide(g):
+    """Rows wider than the kernels' dim blocks with a ragged end (d = 150), and more rows than
+    one 256-row chunk of the CPU kernels."""
+    s, t = _pair(g, 3, 100, 150)
+    return [s], [t], [_mask(g, 3, 100, keep=0.8)]
+
+
 CASES = [Case(f.__name__.lstrip("_"), f) for f in
-         (_single, _multi, _masked, _mixed, _tiny, _noncontiguous, _outliers, _long)]
+         (_single, _multi, _masked, _mixed, _tiny, _noncontiguous, _outliers, _long, _wide)]
 
 
 def build(case: Case, dtype: torch.dtype, device, seed: int = 0):

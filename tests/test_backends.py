@@ -66,8 +66,10 @@ def test_powers_eps_and_grad_outputs(backend, device, power):
 
 
 @backend_device
-def test_frozen_teacher_gives_student_grad_only(backend, device):
-    layers = build(CASES[2], torch.float32, device)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("masked", "wide")],
+                         ids=lambda c: c.name)
+def test_frozen_teacher_gives_student_grad_only(backend, device, case):
+    layers = build(case, torch.float32, device)
     loss, ds, dt = run_backend(backend, *layers, teacher_grad=False)
     want = oracle(*layers)
     assert dt == []
@@ -105,7 +107,9 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @backend_device
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_gradients_are_correctly_rounded(backend, device, dtype):
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("long", "wide")],
+                         ids=lambda c: c.name)
+def test_low_precision_gradients_are_correctly_rounded(backend, device, dtype, case):
     """dS in bf16/fp16 is the float64 gradient rounded to nearest (not truncated).
 
     dS = c_d * (S - T) is computed in fp32 from exact inputs (relative error ~1e-7, < 1e-4 of
@@ -113,7 +117,7 @@ def test_low_precision_gradients_are_correctly_rounded(backend, device, dtype):
     truncation (the Triton interpreter's default cast) misses by up to half an ulp more. dT is
     left out: it is a difference of O(1) terms, so its fp32 error is absolute, not relative.
     """
-    layers = build(next(c for c in CASES if c.name == "long"), dtype, device)
+    layers = build(case, dtype, device)
     _, exact_ds, _ = oracle(*layers)
     _, ds, _ = run_backend(backend, *layers, teacher_grad=False)
     for g, e in zip(ds, exact_ds):
@@ -150,6 +154,26 @@ def test_bitwise_deterministic(backend, device, dtype):
     first, second = run_backend(backend, *layers), run_backend(backend, *layers)
     assert torch.equal(first[0], second[0])
     for a, b in zip(first[1] + first[2], second[1] + second[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("ext" not in ek.available_backends("cpu"), reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ext_cpu_bits_do_not_depend_on_thread_count(dtype):
+    """Chunks go to whichever thread is free, but each owns its partial and the partials are
+    merged in chunk order: 1 and 2 threads must give the same bits."""
+    layers = build(next(c for c in CASES if c.name == "wide"), dtype, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_backend("ext", *layers))
+    finally:
+        torch.set_num_threads(threads)
+    (loss_1, ds_1, dt_1), (loss_2, ds_2, dt_2) = runs
+    assert torch.equal(loss_1, loss_2)
+    for a, b in zip(ds_1 + dt_1, ds_2 + dt_2):
         assert torch.equal(a, b)
 
 
