@@ -21,7 +21,6 @@ namespace eofd {
 namespace {
 
 constexpr int64_t kChunkRows = 256;
-constexpr int64_t kTileRows = 32;
 
 // Accumulation type: fp64 for fp64 inputs, else fp32.
 template <typename scalar_t>
@@ -59,107 +58,105 @@ void parallel_over_chunks(int64_t num_chunks, const Fn& fn, const Done& done) {
   });
 }
 
-// Rows per register block: each pass over a dim's accumulators takes kBlockRows rows, so the
-// accumulators are loaded and stored once per kBlockRows rows instead of once per row.
-constexpr int kBlockRows = 8;
+// Rows per tile: the tile's exact two-pass statistics are computed in registers (each vector of
+// dims holds its kTileRows values of T), so S and T are read from memory once.
+constexpr int kTileRows = 8;
 
-// For R rows: shifted[j] += sum_q (t_q[j] - pivot[j]); sq_err[j] += sum_q (s_q[j] - t_q[j])^2.
-template <int R, typename elem_t, typename acc_t>
-void add_rows(const elem_t* const* s, const elem_t* const* t, int64_t d,
-              const acc_t* __restrict__ pivot, acc_t* __restrict__ shifted,
-              acc_t* __restrict__ sq_err) {
+// R row pointers, passed by value: GCC then keeps them in registers; read through an array in
+// memory it re-loads them in the loop and vectorizes the rows' loads as gathers (4x slower).
+template <int R, typename elem_t>
+struct Rows {
+  const elem_t* row[R];
+};
+
+template <int R, typename elem_t>
+Rows<R, elem_t> rows_at(const elem_t* const* rows) {
+  Rows<R, elem_t> out;
+  std::copy(rows, rows + R, out.row);
+  return out;
+}
+
+// One tile of R rows, merged into the chunk's statistics (DESIGN §3, pivoted means):
+// tile pivot k = T's first row, m = mean(T - k), M2 = sum((T - k) - m)^2, then Chan's merge
+// (First: the chunk's first tile, taken whole), and sq_err += sum (S - T)^2.
+// frac = R / (count + R), cross = count * frac, count being the chunk's rows so far.
+template <int R, bool First, typename elem_t, typename acc_t>
+__attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t, int64_t d,
+                                        acc_t frac, acc_t cross, acc_t* __restrict__ pivot,
+                                        acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                                        acc_t* __restrict__ sq_err) {
+  constexpr acc_t inv_rows = acc_t(1) / R;
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) {
-    acc_t sum = 0, sq = 0;
+    const acc_t k = widen(t.row[0][j]);
+    acc_t shifted = 0, sq = 0;
+#pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
-      const acc_t tj = widen(t[q][j]);
-      const acc_t e = widen(s[q][j]) - tj;
-      sum += tj - pivot[j];
+      const acc_t tq = widen(t.row[q][j]);
+      const acc_t e = widen(s.row[q][j]) - tq;
+      shifted += tq - k;
       sq += e * e;
     }
-    shifted[j] += sum;
-    sq_err[j] += sq;
-  }
-}
-
-// For R rows: m2[j] += sum_q ((t_q[j] - pivot[j]) - mean[j])^2 (the tile is in cache).
-template <int R, typename elem_t, typename acc_t>
-void add_deviations(const elem_t* const* t, int64_t d, const acc_t* __restrict__ pivot,
-                    const acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
-#pragma omp simd
-  for (int64_t j = 0; j < d; ++j) {
-    acc_t sum = 0;
+    const acc_t m = shifted * inv_rows;
+    acc_t dev2 = 0;
+#pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
-      const acc_t dev = (widen(t[q][j]) - pivot[j]) - mean[j];
-      sum += dev * dev;
+      const acc_t u = (widen(t.row[q][j]) - k) - m;
+      dev2 += u * u;
     }
-    m2[j] += sum;
+    if constexpr (First) {
+      pivot[j] = k;
+      mean[j] = m;
+      m2[j] = dev2;
+      sq_err[j] = sq;
+    } else {
+      const acc_t delta = (k - pivot[j]) + (m - mean[j]);
+      mean[j] += delta * frac;
+      m2[j] += dev2 + delta * delta * cross;
+      sq_err[j] += sq;
+    }
   }
 }
 
-// Statistics of rows [row_begin, row_end) of one layer into `out`:
+// Merges the tile of R rows starting at valid row k of the chunk; `count` is rows so far.
+template <int R, typename elem_t, typename acc_t>
+void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int64_t d,
+                acc_t count, acc_t* out) {
+  const auto s = rows_at<R>(s_rows);
+  const auto t = rows_at<R>(t_rows);
+  acc_t* pivot = out;
+  if (count == 0) {
+    add_tile<R, true>(s, t, d, acc_t(0), acc_t(0), pivot, pivot + d, pivot + 2 * d, pivot + 3 * d);
+  } else {
+    const acc_t frac = acc_t(R) / (count + acc_t(R));
+    add_tile<R, false>(s, t, d, frac, count * frac, pivot, pivot + d, pivot + 2 * d,
+                       pivot + 3 * d);
+  }
+}
+
+// Statistics of rows [row_begin, row_end) (at most kChunkRows) of one layer into `out`:
 // [pivot | mean offset | M2 | sum (S - T)^2] (d each), then the valid-token count.
-// Tiles of kTileRows rows: exact two-pass stats around the tile's first valid row (the tile
-// stays in cache for the second pass), merged into the chunk with Chan's formula.
+// Valid rows are merged kTileRows at a time; the last few one by one (a one-row tile is
+// Welford's update).
 template <typename elem_t, typename acc_t>
 void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t* out) {
-  const int64_t d = p.d;
-  acc_t* __restrict__ pivot = out;
-  acc_t* __restrict__ mean = out + d;
-  acc_t* __restrict__ m2 = out + 2 * d;
-  acc_t* __restrict__ sq_err = out + 3 * d;
-  acc_t count = 0;
-  std::fill(out, out + 4 * d, acc_t(0));
-  std::vector<acc_t> tile_buffers(3 * d);
-  acc_t* __restrict__ tile_pivot = tile_buffers.data();
-  acc_t* __restrict__ tile_mean = tile_pivot + d;
-  acc_t* __restrict__ tile_m2 = tile_pivot + 2 * d;
   const auto* S = static_cast<const elem_t*>(p.student);
   const auto* T = static_cast<const elem_t*>(p.teacher);
-  const elem_t* s_rows[kTileRows];
-  const elem_t* t_rows[kTileRows];
-  for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
-    int n_valid = 0;
-    for (int64_t r = tile; r < std::min(tile + kTileRows, row_end); ++r) {
-      if (p.mask != nullptr && !p.mask[r]) continue;
-      s_rows[n_valid] = S + r * p.student_row;
-      t_rows[n_valid++] = T + r * p.teacher_row;
-    }
-    if (n_valid == 0) continue;
-    for (int64_t j = 0; j < d; ++j) {
-      tile_pivot[j] = widen(t_rows[0][j]);
-      tile_mean[j] = 0;
-      tile_m2[j] = 0;
-    }
-    int k = 0;
-    for (; k + kBlockRows <= n_valid; k += kBlockRows) {
-      add_rows<kBlockRows>(s_rows + k, t_rows + k, d, tile_pivot, tile_mean, sq_err);
-    }
-    for (; k < n_valid; ++k) add_rows<1>(s_rows + k, t_rows + k, d, tile_pivot, tile_mean, sq_err);
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(n_valid);
-    for (int64_t j = 0; j < d; ++j) tile_mean[j] *= inv;
-    for (k = 0; k + kBlockRows <= n_valid; k += kBlockRows) {
-      add_deviations<kBlockRows>(t_rows + k, d, tile_pivot, tile_mean, tile_m2);
-    }
-    for (; k < n_valid; ++k) add_deviations<1>(t_rows + k, d, tile_pivot, tile_mean, tile_m2);
-    // chan_merge with the count, uniform over dims, hoisted out of the loop.
-    if (count == 0) {
-      std::copy(tile_pivot, tile_pivot + d, pivot);
-      std::copy(tile_mean, tile_mean + d, mean);
-      std::copy(tile_m2, tile_m2 + d, m2);
-    } else {
-      const acc_t n_b = static_cast<acc_t>(n_valid);
-      const acc_t frac = n_b / (count + n_b);
-      const acc_t cross = count * frac;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t delta = (tile_pivot[j] - pivot[j]) + (tile_mean[j] - mean[j]);
-        mean[j] += delta * frac;
-        m2[j] += tile_m2[j] + delta * delta * cross;
-      }
-    }
-    count += static_cast<acc_t>(n_valid);
+  const elem_t* s_rows[kChunkRows];
+  const elem_t* t_rows[kChunkRows];
+  int n_valid = 0;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    if (p.mask != nullptr && !p.mask[r]) continue;
+    s_rows[n_valid] = S + r * p.student_row;
+    t_rows[n_valid++] = T + r * p.teacher_row;
   }
-  out[4 * d] = count;
+  std::fill(out, out + 4 * p.d, acc_t(0));
+  int k = 0;
+  for (; k + kTileRows <= n_valid; k += kTileRows) {
+    merge_tile<kTileRows>(s_rows + k, t_rows + k, p.d, static_cast<acc_t>(k), out);
+  }
+  for (; k < n_valid; ++k) merge_tile<1>(s_rows + k, t_rows + k, p.d, static_cast<acc_t>(k), out);
+  out[4 * p.d] = static_cast<acc_t>(n_valid);
 }
 
 // Merges a layer's chunk partials in chunk order (fp64) and finalizes its loss and the
