@@ -28,14 +28,6 @@ def _mse_sum(students, teachers):
     return sum(F.mse_loss(s, t) for s, t in zip(students, teachers))
 
 
-def _compiled(fn: Callable) -> Callable:
-    """``torch.compile`` specialised to this point's shapes. Dynamo's caches are reset first:
-    a sweep would otherwise hit its recompile limit after a few shapes and silently run the
-    remaining points eagerly."""
-    torch.compiler.reset()
-    return torch.compile(fn, dynamic=False)
-
-
 def providers(device: torch.device) -> list[str]:
     """The baselines, then every backend of ours that runs natively on ``device``."""
     ours = [b for b in available_backends(device) if b != "reference"]
@@ -51,7 +43,8 @@ def _loss_fn(provider: str, power: float) -> Callable:
         fn = _mse_sum
     else:
         fn = functools.partial(eofd_loss, power=power, backend=provider)
-    return _compiled(fn) if "compiled" in provider else fn
+    # Specialised to the point's shapes; the sweep resets dynamo's caches at every point.
+    return torch.compile(fn, dynamic=False) if "compiled" in provider else fn
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):

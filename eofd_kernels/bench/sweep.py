@@ -1,9 +1,10 @@
 """Run a benchmark sweep: every (shape, dtype, mode, provider), timed side by side.
 
 Method (DESIGN §6): warm-up calls first (torch.compile's compilation happens there and is not
-timed); CUDA events with an L2 flush before every rep on a GPU, perf_counter on a CPU; medians
-with p20/p80. Bandwidth is the ideal traffic of a fused kernel over the median time; a
-device-to-device copy of one side's bytes, timed in the same run, is the yardstick.
+timed); then the reps of all providers at a point go round-robin, so they share the machine's
+conditions; CUDA events with an L2 flush before every rep on a GPU, perf_counter on a CPU;
+medians with p20/p80. Bandwidth is the ideal traffic of a fused kernel over the median time; a
+device-to-device copy of one side's bytes, timed round-robin with them, is the yardstick.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..progress import progress
-from ..timing import time_ms
+from ..timing import time_ms_interleaved
 from .providers import MODES, make_inputs, make_step, providers
 from .shapes import Preset, Shape
 
@@ -56,11 +57,11 @@ def ideal_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
     return (2 if mode == "fwd" else 5) * side
 
 
-def _copy_gb_per_s(shape: Shape, dtype: torch.dtype, device, reps: int) -> float:
+def _copy_step(shape: Shape, dtype: torch.dtype, device):
+    """A device copy of one side's bytes: the bandwidth yardstick, timed beside the providers."""
     src = torch.empty(shape.elements, dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, reps=reps))
-    return 2 * src.numel() * dtype.itemsize / ms / 1e6  # read + write
+    return lambda: dst.copy_(src)
 
 
 def _peak_extra_mb(step, device) -> float | None:
@@ -75,14 +76,53 @@ def _peak_extra_mb(step, device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _measure(record: Record, step, device, reps: int, copy_gbps: float, traffic: int) -> None:
-    times = time_ms(step, device, warmup=3, reps=reps)
+def _error(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def _fill(record: Record, times: list[float], traffic: int, copy_gbps: float) -> None:
     p20, _, _, p80 = statistics.quantiles(times, n=5)
     record.median_ms, record.p20_ms, record.p80_ms = statistics.median(times), p20, p80
     record.gb_per_s = traffic / record.median_ms / 1e6
     record.copy_gb_per_s = copy_gbps
     record.pct_of_copy = 100 * record.gb_per_s / copy_gbps
-    record.peak_extra_mb = _peak_extra_mb(step, device)
+
+
+def _run_point(shape: Shape, dtype: torch.dtype, mode: str, names: list[str], inputs, device,
+               reps: int) -> list[Record]:
+    """Every provider at one (shape, dtype, mode), their reps interleaved with a device copy.
+
+    Dynamo's caches are reset once per point: across a sweep the compiled providers would
+    otherwise hit the recompile limit after a few shapes and silently run eagerly. Failures
+    (out of memory, a compiler error) are recorded per provider and the others go on.
+    """
+    torch.compiler.reset()
+    records = {p: Record(shape.model, shape.layers, shape.batch, shape.seq, shape.d,
+                         str(dtype).removeprefix("torch."), mode, p) for p in names}
+    steps = {}
+    for p in names:
+        try:
+            steps[p] = make_step(p, mode, *inputs)
+            for _ in range(3):  # compiles here, untimed
+                steps[p]()
+        except RuntimeError as err:
+            records[p].error = _error(err)
+            steps.pop(p, None)
+            _release(device)
+    copy = "device copy"
+    try:
+        times = time_ms_interleaved({**steps, copy: _copy_step(shape, dtype, device)}, device,
+                                    warmup=1, reps=reps)
+    except RuntimeError as err:
+        for p in steps:
+            records[p].error = _error(err)
+        _release(device)
+        return list(records.values())
+    copy_gbps = 2 * shape.elements * dtype.itemsize / statistics.median(times[copy]) / 1e6
+    for p, step in steps.items():
+        _fill(records[p], times[p], ideal_bytes(shape, dtype, mode), copy_gbps)
+        records[p].peak_extra_mb = _peak_extra_mb(step, device)
+    return list(records.values())
 
 
 def run_sweep(preset: Preset, device: torch.device, *, provider_names=None, modes=MODES,
@@ -90,28 +130,18 @@ def run_sweep(preset: Preset, device: torch.device, *, provider_names=None, mode
     """Time every combination; a failure (e.g. out of memory) is recorded, not raised."""
     names = provider_names or providers(device)
     reps = reps or preset.reps
-    jobs = [(shape, dtype, mode, p) for shape in preset.shapes for dtype in preset.dtypes
-            for mode in modes for p in names]
-    records, inputs, copy_gbps = [], {}, {}
-    bar = progress(jobs, total=len(jobs), desc="benchmarking")
-    for shape, dtype, mode, provider in bar:
-        bar.set_postfix_str(f"{shape.model} B={shape.batch} N={shape.seq} {dtype} {mode} "
-                            f"{provider}")
+    points = [(shape, dtype, mode) for shape in preset.shapes for dtype in preset.dtypes
+              for mode in modes]
+    records, inputs = [], {}
+    bar = progress(points, total=len(points), desc="benchmarking")
+    for shape, dtype, mode in bar:
+        bar.set_postfix_str(f"{shape.model} B={shape.batch} N={shape.seq} {dtype} {mode}")
         key = (shape, dtype)
         if key not in inputs:
             inputs.clear()  # one shape's tensors alive at a time
             _release(device)
             inputs[key] = make_inputs(shape, dtype, device)
-            copy_gbps[key] = _copy_gb_per_s(shape, dtype, device, reps)
-        record = Record(shape.model, shape.layers, shape.batch, shape.seq, shape.d,
-                        str(dtype).removeprefix("torch."), mode, provider)
-        try:
-            step = make_step(provider, mode, *inputs[key])
-            _measure(record, step, device, reps, copy_gbps[key], ideal_bytes(shape, dtype, mode))
-        except RuntimeError as err:  # out of memory, a compiler failure: recorded, go on
-            record.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            _release(device)
-        records.append(record)
+        records += _run_point(shape, dtype, mode, names, inputs[key], device, reps)
     return records
 
 
