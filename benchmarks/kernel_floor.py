@@ -1,0 +1,57 @@
+"""The extension's kernels alone against the memory floor of this device.
+
+Times, round-robin in one run: the forward op, the backward op (frozen teacher), a plain
+read of S and T (``sum``) and a copy of S, on all distilled layers of a paper model. The ops
+are called directly (no Python API, no autograd), so this isolates kernel time from dispatch.
+
+    python benchmarks/kernel_floor.py [--model bert-base] [--batch 8] [--dtype fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from eofd_kernels import ext_op  # noqa: F401  (registers the extension's ops)
+from eofd_kernels.bench.providers import make_inputs
+from eofd_kernels.bench.shapes import MODELS, model_shape
+from eofd_kernels.timing import time_ms_interleaved
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="bert-base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=40)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shape = model_shape(args.model, args.batch, args.seq)
+    students, teachers = make_inputs(shape, DTYPES[args.dtype], device)
+    students = [s.reshape(-1, shape.d) for s in students]
+    teachers = [t.reshape(-1, shape.d) for t in teachers]
+    masks = [None] * shape.layers
+    ops = torch.ops.eofd_ext
+    _, dim_stats = ops.forward(students, teachers, masks, 0.5, 0.0)
+    grad = torch.ones(shape.layers, device=device)
+    copies = [torch.empty_like(s) for s in students]
+    times = time_ms_interleaved({
+        "forward op": lambda: ops.forward(students, teachers, masks, 0.5, 0.0),
+        "backward op": lambda: ops.backward(grad, students, teachers, masks, dim_stats, False),
+        "read S and T": lambda: [x.sum() for x in students + teachers],
+        "copy S": lambda: [c.copy_(s) for c, s in zip(copies, students)],
+    }, device, warmup=3, reps=args.reps)
+    print(f"{args.model} L={shape.layers} B={args.batch} N={args.seq} d={shape.d} {args.dtype} "
+          f"on {device}, median of {args.reps} round-robin reps")
+    for name, ms in times.items():
+        print(f"  {name:<13} {statistics.median(ms):8.3f} ms   (min {min(ms):.3f})")
+
+
+if __name__ == "__main__":
+    main()
