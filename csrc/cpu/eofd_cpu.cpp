@@ -46,8 +46,8 @@ std::vector<Chunk> make_chunks(const LayerTable& table, int64_t* workspace) {
 
 // Runs fn(i) for every chunk i on ATen's threads, each thread claiming the next chunk when it is
 // free; `done()` then runs once on every thread that took part. Chunks are equal work but the
-// cores are not equally fast (memory, a neighbour's load): with a static split the faster core
-// waited at the barrier for up to 13% of the op's time on the 2-core CI machine (perf).
+// cores are not equally fast (memory, a neighbour's load): with a static split, 13% of perf's
+// samples of a training-step loop sat in libgomp's barrier wait on the 2-core CI machine.
 // Which thread runs a chunk never changes the result: each chunk owns its output.
 template <typename Fn, typename Done>
 void parallel_over_chunks(int64_t num_chunks, const Fn& fn, const Done& done) {
