@@ -9,6 +9,7 @@ from torch import Tensor
 from .ext_loader import load_error
 from .inputs import LayerBatch
 from .op_registration import (
+    differentiable_layer_losses,
     fake_backward,
     fake_forward,
     promote_layers,
@@ -30,6 +31,6 @@ def layer_losses_ext(batch: LayerBatch, power: float, eps: float) -> Tensor:
     layers = promote_layers(batch.students + batch.teachers)
     num_layers = batch.num_layers
     masks = [None if m is None else m.contiguous() for m in batch.masks]
-    losses, _ = torch.ops.eofd_ext.forward(layers[:num_layers], layers[num_layers:], masks,
-                                           power, eps)
-    return losses
+    return differentiable_layer_losses(torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward,
+                                       layers[:num_layers], layers[num_layers:], masks, power,
+                                       eps)

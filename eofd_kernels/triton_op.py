@@ -13,6 +13,7 @@ from torch import Tensor
 from . import triton_kernels as kernels
 from .inputs import LayerBatch
 from .op_registration import (
+    differentiable_layer_losses,
     fake_backward,
     fake_forward,
     promote_layers,
@@ -49,6 +50,6 @@ register_eofd_autograd(triton_forward, triton_backward)
 def layer_losses_triton(batch: LayerBatch, power: float, eps: float) -> Tensor:
     """Per-layer losses ``(L,)`` from the fused kernels."""
     masks = [None if m is None else m.contiguous() for m in batch.masks]
-    losses, _ = triton_forward(promote_layers(batch.students), promote_layers(batch.teachers),
-                               masks, power, eps)
-    return losses
+    return differentiable_layer_losses(triton_forward, triton_backward,
+                                       promote_layers(batch.students),
+                                       promote_layers(batch.teachers), masks, power, eps)

@@ -47,6 +47,47 @@ def test_opcheck_triton_backward(need_teacher_grad):
                                             need_teacher_grad))
 
 
+def _registered_ops(backend):
+    if backend == "ext":
+        from eofd_kernels import ext_op  # noqa: F401  (registers the ops' fake and autograd)
+
+        return torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
+    from eofd_kernels.triton_op import triton_backward, triton_forward
+
+    return triton_forward, triton_backward
+
+
+@pytest.mark.parametrize(("backend", "device"),
+                         [bd for bd in BACKEND_DEVICES if bd[0] in ("ext", "triton")],
+                         ids=[i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS)
+                              if bd[0] in ("ext", "triton")])
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_eager_autograd_matches_the_registered_one(backend, device, teacher_grad):
+    """Eager calls skip the op's registered autograd (torch.compile uses it): both must give
+    the same bits, with and without a teacher gradient; a double backward raises."""
+    from eofd_kernels.op_registration import differentiable_layer_losses
+
+    forward_op, backward_op = _registered_ops(backend)
+    students, teachers, masks = _op_args(device)
+    for t in teachers:
+        t.requires_grad_(teacher_grad)
+    grad = torch.tensor([1.5, -2.0], device=device)
+    inputs = students + [t for t in teachers if t.requires_grad]
+    registered = forward_op(students, teachers, masks, 0.5, 0.0)[0]
+    eager = differentiable_layer_losses(forward_op, backward_op, students, teachers, masks, 0.5,
+                                        0.0)
+    assert torch.equal(registered, eager)
+    grads_registered = torch.autograd.grad(registered, inputs, grad)
+    grads_eager = torch.autograd.grad(eager, inputs, grad)
+    for a, b in zip(grads_registered, grads_eager, strict=True):
+        assert torch.equal(a, b)
+    again = differentiable_layer_losses(forward_op, backward_op, students, teachers, masks, 0.5,
+                                        0.0)
+    (d_student,) = torch.autograd.grad(again.sum(), students[:1], create_graph=True)
+    with pytest.raises(RuntimeError):  # no second-order graph, never a silent zero
+        torch.autograd.grad(d_student.sum(), students[:1])
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES, ids=BACKEND_IDS)
 def test_compile_fullgraph_matches_eager(backend, device):
     layers = build(CASES[3], torch.float32, device)  # mixed shapes and masks
