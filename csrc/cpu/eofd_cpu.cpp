@@ -118,19 +118,22 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t, in
   }
 }
 
-// Merges the tile of R rows starting at valid row k of the chunk; `count` is rows so far.
+// Merges the tile of R rows at s_rows / t_rows into the chunk's statistics `out` (laid out as
+// in chunk_stats); `count` is the chunk's rows so far.
 template <int R, typename elem_t, typename acc_t>
 void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int64_t d,
                 acc_t count, acc_t* out) {
   const auto s = rows_at<R>(s_rows);
   const auto t = rows_at<R>(t_rows);
   acc_t* pivot = out;
+  acc_t* mean = out + d;
+  acc_t* m2 = out + 2 * d;
+  acc_t* sq_err = out + 3 * d;
   if (count == 0) {
-    add_tile<R, true>(s, t, d, acc_t(0), acc_t(0), pivot, pivot + d, pivot + 2 * d, pivot + 3 * d);
+    add_tile<R, true>(s, t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
   } else {
     const acc_t frac = acc_t(R) / (count + acc_t(R));
-    add_tile<R, false>(s, t, d, frac, count * frac, pivot, pivot + d, pivot + 2 * d,
-                       pivot + 3 * d);
+    add_tile<R, false>(s, t, d, frac, count * frac, pivot, mean, m2, sq_err);
   }
 }
 
