@@ -173,3 +173,35 @@ def test_header_layout_matches_python():
     assert names == ["kCount", "kPivot", "kMean", "kSigma", "kSqErr", "kWeight", "kCoefS",
                      "kCoefT", "kDimFields"]
     assert python == list(range(8)) and layout.DIM_FIELDS == 8
+
+
+OP_BACKEND_DEVICES = [bd for bd in BACKEND_DEVICES if bd[0] in ("ext", "triton")]
+OP_BACKEND_IDS = [i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS) if bd[0] in ("ext", "triton")]
+
+
+@pytest.mark.parametrize(("backend", "device"), OP_BACKEND_DEVICES, ids=OP_BACKEND_IDS)
+@pytest.mark.parametrize("power", [0.5, 0.7])
+def test_forward_dim_stats_match_float64(backend, device, power):
+    """The per-dim statistics the backward reads: count, sigma and weights against float64
+    torch, and zeros past each layer's d even in a recycled buffer (the CPU extension takes it
+    from its pool, so a first call of the same size leaves non-zero values there)."""
+    from eofd_kernels import layout
+
+    forward_op, _ = _registered_ops(backend)
+    students, teachers, masks = build(CASES[3], torch.float64, device)  # d = 20, 33, 64
+    students = [s.reshape(-1, s.shape[-1]) for s in students]
+    teachers = [t.reshape(-1, t.shape[-1]) for t in teachers]
+    masks = [None if m is None else m.reshape(-1) for m in masks]
+    full_width = [torch.randn(7, 64, dtype=torch.float64, device=device) for _ in students]
+    forward_op(full_width, full_width, [None] * 3, power, 0.0)  # same-size stats, then freed
+    _, dim_stats = forward_op(students, teachers, masks, power, 0.0)
+    for i, (t, m) in enumerate(zip(teachers, masks)):
+        valid = t if m is None else t[m]
+        d = valid.shape[1]
+        sigma = valid.std(dim=0)
+        stats = dim_stats[i]
+        assert torch.equal(stats[layout.D_COUNT, :d], torch.full_like(sigma, valid.shape[0]))
+        torch.testing.assert_close(stats[layout.D_SIGMA, :d], sigma, rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats[layout.D_WEIGHT, :d], (sigma / sigma.mean()) ** power,
+                                   rtol=1e-12, atol=0)
+        assert torch.count_nonzero(stats[:, d:]) == 0

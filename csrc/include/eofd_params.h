@@ -68,9 +68,12 @@ EOFD_HD void chan_merge(Moments<T>& a, const Moments<T>& b) {
   a.count = n;
 }
 
-// w_d = (sigma_d / (sbar + eps)) ** p, with torch's x ** 0 == 1 (std::pow agrees).
+// w_d = (sigma_d / (sbar + eps)) ** p, with torch's x ** 0 == 1 (std::pow agrees). The paper's
+// p = 0.5 takes sqrt (correctly rounded, like pow within an ulp): glibc's pow is 4x slower and
+// made up a fifth of the CPU forward at 48 layers x 128 tokens x d = 4096.
 EOFD_HD double eofd_weight(double sigma, double scale, double power) {
-  return pow(sigma / scale, power);
+  const double ratio = sigma / scale;
+  return power == 0.5 ? sqrt(ratio) : pow(ratio, power);
 }
 
 // G_d / ((n' - 1) sigma_d): the teacher-gradient coefficient through the weights (DESIGN §1).
