@@ -1,51 +1,34 @@
-"""Builds the compiled extension eofd_kernels._C (CPU always; CUDA when it can).
+"""Builds the extension eofd_kernels._C (CPU always; CUDA when it can).
 
-  EOFD_BUILD_CUDA=auto|0|1   auto (default): CUDA when torch has CUDA and nvcc is found
-  TORCH_CUDA_ARCH_LIST       CUDA archs (default "8.0;9.0")
-  EOFD_CPU_ARCH              -march for the CPU kernels (default "native": built where it runs)
+Settings (EOFD_BUILD_CUDA, TORCH_CUDA_ARCH_LIST, EOFD_CPU_ARCH) and sources: see
+eofd_kernels/ext_build.py, which the JIT development build (EOFD_JIT=1) shares.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
 """
 
-import glob
-import os
+import importlib.util
+from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-
-def _want_cuda() -> bool:
-    import torch
-
-    choice = os.environ.get("EOFD_BUILD_CUDA", "auto")
-    if choice not in ("auto", "0", "1"):
-        raise SystemExit(f"EOFD_BUILD_CUDA must be auto, 0 or 1, got {choice!r}")
-    reasons = []
-    if torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
-        reasons.append("nvcc / CUDA_HOME not found")
-    if choice == "1" and reasons:
-        raise SystemExit("EOFD_BUILD_CUDA=1 but " + "; ".join(reasons))
-    if choice == "0" or reasons:
-        print("eofd-kernels: building the CPU extension only (CUDA skipped: "
-              + ("EOFD_BUILD_CUDA=0" if choice == "0" else "; ".join(reasons)) + ")")
-        return False
-    return True
+_spec = importlib.util.spec_from_file_location(
+    "ext_build", Path(__file__).parent / "eofd_kernels" / "ext_build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
 def _extension():
-    cxx = ["-O3", "-fopenmp", f"-march={os.environ.get('EOFD_CPU_ARCH', 'native')}"]
-    sources = ["csrc/eofd_ops.cpp", "csrc/cpu/eofd_cpu.cpp"]
-    if not _want_cuda():
-        return CppExtension("eofd_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"])
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+    cuda = build.want_cuda()
+    sources = build.sources(cuda)
+    if not cuda:
+        return CppExtension("eofd_kernels._C", sources,
+                            extra_compile_args={"cxx": build.cxx_flags(False)},
+                            extra_link_args=build.LINK_FLAGS)
     return CUDAExtension("eofd_kernels._C", sources,
-                         extra_compile_args={"cxx": cxx + ["-DEOFD_WITH_CUDA"], "nvcc": nvcc},
-                         extra_link_args=["-fopenmp"])
+                         extra_compile_args={"cxx": build.cxx_flags(True),
+                                             "nvcc": build.NVCC_FLAGS},
+                         extra_link_args=build.LINK_FLAGS)
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
