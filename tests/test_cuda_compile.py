@@ -1,5 +1,6 @@
-"""Every .cu under csrc compiles with plain nvcc for sm_80 and sm_90, warnings as errors,
-with no register spills (``-Xptxas -v``). Runs without a GPU and without a CUDA torch."""
+"""Every .cu under csrc compiles with plain nvcc and the build's own flags for sm_80 and sm_90,
+warnings as errors, with no register spills (``-Xptxas -v``). Runs without a GPU and without
+a CUDA torch."""
 
 import re
 import shutil
@@ -7,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from eofd_kernels.ext_build import NVCC_FLAGS
 
 ROOT = Path(__file__).parents[1]
 CU_FILES = sorted((ROOT / "csrc").rglob("*.cu"))
@@ -18,8 +21,8 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles_without_spills(source, arch, tmp_path):
     result = subprocess.run(
-        [NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-Werror",
-         "all-warnings", "-c", str(source), "-o", str(tmp_path / "out.o")],
+        [NVCC, *NVCC_FLAGS, f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings", "-c",
+         str(source), "-o", str(tmp_path / "out.o")],
         capture_output=True, text=True, timeout=600)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
