@@ -47,6 +47,11 @@ def test_opcheck_triton_backward(need_teacher_grad):
                                             need_teacher_grad))
 
 
+# The backends that are a registered op pair (forward, backward).
+OP_BACKEND_DEVICES = [bd for bd in BACKEND_DEVICES if bd[0] in ("ext", "triton")]
+OP_BACKEND_IDS = [i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS) if bd[0] in ("ext", "triton")]
+
+
 def _registered_ops(backend):
     if backend == "ext":
         from eofd_kernels import ext_op  # noqa: F401  (registers the ops' fake and autograd)
@@ -57,10 +62,7 @@ def _registered_ops(backend):
     return triton_forward, triton_backward
 
 
-@pytest.mark.parametrize(("backend", "device"),
-                         [bd for bd in BACKEND_DEVICES if bd[0] in ("ext", "triton")],
-                         ids=[i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS)
-                              if bd[0] in ("ext", "triton")])
+@pytest.mark.parametrize(("backend", "device"), OP_BACKEND_DEVICES, ids=OP_BACKEND_IDS)
 @pytest.mark.parametrize("teacher_grad", [True, False])
 def test_eager_autograd_matches_the_registered_one(backend, device, teacher_grad):
     """Eager calls skip the op's registered autograd (torch.compile uses it): both must give
@@ -173,10 +175,6 @@ def test_header_layout_matches_python():
     assert names == ["kCount", "kPivot", "kMean", "kSigma", "kSqErr", "kWeight", "kCoefS",
                      "kCoefT", "kDimFields"]
     assert python == list(range(8)) and layout.DIM_FIELDS == 8
-
-
-OP_BACKEND_DEVICES = [bd for bd in BACKEND_DEVICES if bd[0] in ("ext", "triton")]
-OP_BACKEND_IDS = [i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS) if bd[0] in ("ext", "triton")]
 
 
 @pytest.mark.parametrize(("backend", "device"), OP_BACKEND_DEVICES, ids=OP_BACKEND_IDS)
