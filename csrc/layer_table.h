@@ -12,16 +12,18 @@
 namespace eofd {
 
 struct LayerTable {
-  std::vector<at::Tensor> keep_alive;  // contiguous copies made for inputs with strided columns
+  std::vector<at::Tensor> rows;  // each input as (tokens, d) rows; keeps any copies alive
   std::vector<LayerParams> layers;
   int64_t max_d = 0;
   at::ScalarType dtype;
 };
 
-inline at::Tensor rows_view(const at::Tensor& x, LayerTable& table) {
-  if (x.stride(1) == 1) return x;
-  table.keep_alive.push_back(x.contiguous());
-  return table.keep_alive.back();
+// x (..., d) as (tokens, d) rows with unit column stride: a view, or a copy when no single row
+// stride describes its leading dims (a transposed (N, B, d), say) or its columns are strided.
+inline at::Tensor as_rows(const at::Tensor& x, LayerTable& table) {
+  at::Tensor rows = x.reshape({-1, x.size(-1)});
+  table.rows.push_back(rows.stride(1) == 1 ? rows : rows.contiguous());
+  return table.rows.back();
 }
 
 // Checks the layers of one call and lays out their params; every message names the argument.
@@ -38,28 +40,30 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
   for (size_t i = 0; i < num_layers; ++i) {
     const at::Tensor& s = students[i];
     const at::Tensor& t = teachers[i];
-    TORCH_CHECK(s.dim() == 2 && s.sizes() == t.sizes(), "eofd_ext: layer ", i,
-                ": student ", s.sizes(), " and teacher ", t.sizes(), " must be the same (n, d)");
+    TORCH_CHECK(s.dim() >= 2 && s.sizes() == t.sizes(), "eofd_ext: layer ", i,
+                ": student ", s.sizes(), " and teacher ", t.sizes(),
+                " must be the same (..., d) with at least one token dim");
     TORCH_CHECK(s.scalar_type() == table.dtype && t.scalar_type() == table.dtype,
                 "eofd_ext: layer ", i, ": every student and teacher must be ", table.dtype,
                 ", got ", s.scalar_type(), " and ", t.scalar_type());
     TORCH_CHECK(s.device() == device && t.device() == device, "eofd_ext: layer ", i,
                 ": expected tensors on ", device, ", got ", s.device(), " and ", t.device());
-    TORCH_CHECK(s.size(0) >= 1 && s.size(1) >= 1, "eofd_ext: layer ", i, " is empty");
-    const at::Tensor sv = rows_view(s, table);
-    const at::Tensor tv = rows_view(t, table);
+    TORCH_CHECK(s.numel() >= 1, "eofd_ext: layer ", i, " is empty: ", s.sizes());
+    const at::Tensor sv = as_rows(s, table);
+    const at::Tensor tv = as_rows(t, table);
+    const int64_t n = sv.size(0), d = sv.size(1);
     const bool* mask = nullptr;
     const std::optional<at::Tensor> m = masks[i];
     if (m.has_value()) {
-      TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 1 && m->size(0) == s.size(0) &&
+      TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 1 && m->size(0) == n &&
                       m->is_contiguous() && m->device() == device,
-                  "eofd_ext: masks[", i, "] must be a contiguous bool (", s.size(0), ",) on ",
+                  "eofd_ext: masks[", i, "] must be a contiguous bool (", n, ",) on ",
                   device, ", got ", m->scalar_type(), " ", m->sizes());
       mask = m->data_ptr<bool>();
     }
-    table.layers.push_back(LayerParams{sv.data_ptr(), tv.data_ptr(), mask, s.size(0), s.size(1),
-                                       sv.stride(0), tv.stride(0), nullptr, nullptr});
-    table.max_d = std::max(table.max_d, s.size(1));
+    table.layers.push_back(LayerParams{sv.data_ptr(), tv.data_ptr(), mask, n, d, sv.stride(0),
+                                       tv.stride(0), nullptr, nullptr});
+    table.max_d = std::max(table.max_d, d);
   }
   return table;
 }

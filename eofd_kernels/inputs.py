@@ -1,8 +1,9 @@
 """Validation and normalisation of the public API's arguments.
 
-Every backend receives the same :class:`LayerBatch`: one ``(n_l, d_l)``-shaped view per layer
-(no copies unless the leading dims cannot be flattened), a boolean mask or ``None`` per layer,
-and a checked power/eps. All checks here read shapes, dtypes and devices only: no device sync.
+Every backend receives the same :class:`LayerBatch`: the caller's ``(..., d_l)`` tensors as they
+are (each backend views them as ``(tokens, d_l)`` rows where it needs to: the fused ops do it
+inside, so autograd records no view nodes), a flat boolean mask or ``None`` per layer, and a
+checked power/eps. All checks here read shapes, dtypes and devices only: no device sync.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class LayerBatch:
-    """The distilled layers of one call, flattened to ``(tokens, d)``.
+    """The distilled layers of one call.
 
-    students[l], teachers[l]: ``(n_l, d_l)`` views of the caller's tensors.
-    masks[l]: ``(n_l,)`` bool, or ``None`` when every token of layer l counts.
+    students[l], teachers[l]: the caller's ``(..., d_l)`` tensors, same shape; n_l tokens.
+    masks[l]: ``(n_l,)`` bool over the flattened tokens, or ``None`` when every token counts.
     """
 
     students: list[torch.Tensor]
@@ -134,7 +135,7 @@ def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | 
 
 
 def prepare_layers(student, teacher, mask=None) -> LayerBatch:
-    """Check the layers and masks of one call and flatten every layer to ``(tokens, d)``."""
+    """Check the layers and masks of one call."""
     students = _as_layer_list(student, "student")
     teachers = _as_layer_list(teacher, "teacher")
     if len(students) != len(teachers):
@@ -147,11 +148,7 @@ def prepare_layers(student, teacher, mask=None) -> LayerBatch:
     if len(devices) > 1:
         raise ValueError(f"all layers must be on one device, got {sorted(map(str, devices))}")
     masks = _masks_per_layer(mask, teachers)
-    return LayerBatch(
-        students=[s.reshape(-1, s.shape[-1]) for s in students],
-        teachers=[t.reshape(-1, t.shape[-1]) for t in teachers],
-        masks=masks,
-    )
+    return LayerBatch(students=students, teachers=teachers, masks=masks)
 
 
 def check_power_eps(power, eps) -> tuple[float, float]:

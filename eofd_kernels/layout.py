@@ -3,7 +3,15 @@
 Mirrors ``csrc/include/eofd_params.h``; a test checks that the two agree.
 """
 
+from torch import Tensor
+
 # Per-dim statistics the forward returns and the backward reads: (L, DIM_FIELDS, max d) fp64.
 # Dims past a layer's own d are zero.
 D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
 DIM_FIELDS = 8
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """``x`` ``(..., d)`` as ``(tokens, d)``: a view, or a copy when its leading dims have
+    strides that no single row stride describes (a transposed ``(N, B, d)``, say)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

@@ -20,7 +20,7 @@ __all__ = ["differentiable_layer_losses", "fake_backward", "fake_forward", "prom
 
 def fake_forward(students, teachers, masks, power, eps):
     wide = any(x.dtype == torch.float64 for x in students + teachers)
-    max_d = max(s.shape[1] for s in students)
+    max_d = max(s.shape[-1] for s in students)
     losses = students[0].new_empty(len(students), dtype=torch.float64 if wide else torch.float32)
     dim_stats = students[0].new_empty((len(students), layout.DIM_FIELDS, max_d),
                                       dtype=torch.float64)
@@ -28,8 +28,9 @@ def fake_forward(students, teachers, masks, power, eps):
 
 
 def fake_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad):
-    d_teachers = [torch.empty_like(t) for t in teachers] if need_teacher_grad else []
-    return [torch.empty_like(s) for s in students], d_teachers
+    # Contiguous whatever the inputs' strides: the kernels write gradient rows d apart.
+    d_teachers = [t.new_empty(t.shape) for t in teachers] if need_teacher_grad else []
+    return [s.new_empty(s.shape) for s in students], d_teachers
 
 
 def _save(ctx, students, teachers, masks, dim_stats, need_teacher_grad: bool) -> None:

@@ -9,6 +9,8 @@ is ``std`` over all leading dims, i.e. ``dim=(0, 1)`` for ``(B, N, d)`` inputs.
 
 import torch
 
+from .layout import as_rows
+
 __all__ = ["calculate_weight", "eofd_loss_reference", "layer_losses_reference"]
 
 
@@ -49,6 +51,6 @@ def layer_losses_reference(batch, power: float, eps: float) -> torch.Tensor:
     losses = []
     for s, t, m in zip(batch.students, batch.teachers, batch.masks):
         if m is not None:
-            s, t = s[m], t[m]
+            s, t = as_rows(s)[m], as_rows(t)[m]
         losses.append(eofd_loss_reference(s, t, power).to(acc))
     return torch.stack(losses)

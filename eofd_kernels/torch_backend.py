@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .inputs import LayerBatch
+from .layout import as_rows
 
 __all__ = ["layer_losses_torch", "layer_weights_torch"]
 
@@ -56,7 +57,7 @@ def layer_losses_torch(batch: LayerBatch, power: float, eps: float) -> torch.Ten
     """Per-layer losses ``(L,)`` in ``batch.result_dtype``."""
     acc = batch.result_dtype
     return torch.stack([
-        _layer_loss(s, t, m, power, eps, acc)
+        _layer_loss(as_rows(s), as_rows(t), m, power, eps, acc)
         for s, t, m in zip(batch.students, batch.teachers, batch.masks)
     ])
 
@@ -66,6 +67,6 @@ def layer_weights_torch(batch: LayerBatch, power: float, eps: float) -> list[tor
     """The weights ``w_d`` of every layer, ``[(d_l,)]`` in ``batch.result_dtype``."""
     acc = batch.result_dtype
     return [
-        _weights(_pivoted_std(t.to(acc), m)[0], power, eps)
+        _weights(_pivoted_std(as_rows(t).to(acc), m)[0], power, eps)
         for t, m in zip(batch.teachers, batch.masks)
     ]

@@ -338,6 +338,10 @@ def _layer_table(students, teachers, masks, d_students=(), d_teachers=(), power=
     return table.to(students[0].device, non_blocking=True)
 
 
+def _rows(layers):
+    return [layout.as_rows(x) for x in layers]
+
+
 def _common(students, teachers, masks):
     s_dtype, t_dtype = students[0].dtype, teachers[0].dtype
     wide = torch.float64 in (s_dtype, t_dtype)
@@ -352,9 +356,10 @@ def _common(students, teachers, masks):
 def eofd_forward(students, teachers, masks, power: float, eps: float):
     """Per-layer losses ``(L,)`` and the per-dim statistics ``(L, DIM_FIELDS, max_d)`` fp64.
 
-    students, teachers: ``[(n_l, d_l)]`` with one dtype each across layers; masks: ``[(n_l,)]``
-    bool contiguous or None.
+    students, teachers: ``[(..., d_l)]`` (n_l tokens) with one dtype each across layers;
+    masks: ``[(n_l,)]`` bool contiguous or None.
     """
+    students, teachers = _rows(students), _rows(teachers)
     device = students[0].device
     num_layers = len(students)
     max_n = max(s.shape[0] for s in students)
@@ -382,15 +387,19 @@ def eofd_forward(students, teachers, masks, power: float, eps: float):
 
 
 def eofd_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool):
-    """dS ``[(n_l, d_l)]`` in the students' dtype, and dT likewise (``[]`` unless needed)."""
+    """dS in the students' shapes and dtype, and dT likewise (``[]`` unless needed).
+
+    The gradients are contiguous, so as rows they are ``(n_l, d_l)`` with row stride d_l.
+    """
+    d_students = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
+    d_teachers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teachers
+                  ] if need_teacher_grad else []
+    students, teachers = _rows(students), _rows(teachers)
     device = students[0].device
     num_layers = len(students)
     max_n = max(s.shape[0] for s in students)
     max_d = dim_stats.shape[-1]
     block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers, device)
-    d_students = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in students]
-    d_teachers = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in teachers
-                  ] if need_teacher_grad else []
     table = _layer_table(students, teachers, masks, d_students, d_teachers)
     _backward_kernel[(num_chunks, triton.cdiv(max_d, block_d), num_layers)](
         table, dim_stats, grad_losses.contiguous(), max_d, NEED_DT=need_teacher_grad,

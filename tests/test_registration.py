@@ -14,14 +14,17 @@ needs_ext = pytest.mark.skipif("ext" not in ek.available_backends("cpu"),
                                reason="the compiled extension is not built")
 
 
-def _op_args(device, dtype=torch.float32):
+def _op_args(device, dtype=torch.float32, teacher_grad=True):
+    """A masked 2-D layer, a 3-D one, and a transposed 3-D one whose tokens no single row
+    stride describes (the ops copy that one into rows themselves)."""
     g = torch.Generator().manual_seed(0)
-    shapes = ((6, 8), (5, 12))
+    shapes = ((6, 8), (2, 5, 12), (4, 3, 10))
     students = [torch.randn(*sh, generator=g, dtype=dtype).to(device) for sh in shapes]
     teachers = [torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in students]
-    for x in students + teachers:
+    for x in students + (teachers if teacher_grad else []):
         x.requires_grad_()
-    masks = [torch.tensor([True, True, False, True, True, True], device=device), None]
+    students[2], teachers[2] = students[2].transpose(0, 1), teachers[2].transpose(0, 1)
+    masks = [torch.tensor([True, True, False, True, True, True], device=device), None, None]
     return students, teachers, masks
 
 
@@ -40,7 +43,7 @@ def test_opcheck_triton_backward(need_teacher_grad):
 
     students, teachers, masks = _op_args("cpu")
     _, dim_stats = triton_forward(students, teachers, masks, 0.5, 0.0)
-    grad = torch.tensor([1.0, -2.0])
+    grad = torch.tensor([1.0, -2.0, 0.5])
     # No double backward: the backward op is checked on inputs that need no grad.
     students, teachers = [s.detach() for s in students], [t.detach() for t in teachers]
     torch.library.opcheck(triton_backward, (grad, students, teachers, masks, dim_stats.detach(),
@@ -70,10 +73,8 @@ def test_eager_autograd_matches_the_registered_one(backend, device, teacher_grad
     from eofd_kernels.op_registration import differentiable_layer_losses
 
     forward_op, backward_op = _registered_ops(backend)
-    students, teachers, masks = _op_args(device)
-    for t in teachers:
-        t.requires_grad_(teacher_grad)
-    grad = torch.tensor([1.5, -2.0], device=device)
+    students, teachers, masks = _op_args(device, teacher_grad=teacher_grad)
+    grad = torch.tensor([1.5, -2.0, 0.5], device=device)
     inputs = students + [t for t in teachers if t.requires_grad]
     registered = forward_op(students, teachers, masks, 0.5, 0.0)[0]
     eager = differentiable_layer_losses(forward_op, backward_op, students, teachers, masks, 0.5,
@@ -120,7 +121,7 @@ def test_opcheck_ext_ops(need_teacher_grad):
     _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)
     students, teachers = [s.detach() for s in students], [t.detach() for t in teachers]
     torch.library.opcheck(torch.ops.eofd_ext.backward.default,
-                          (torch.tensor([1.0, -2.0]), students, teachers, masks,
+                          (torch.tensor([1.0, -2.0, 0.5]), students, teachers, masks,
                            dim_stats.detach(), need_teacher_grad))
 
 
@@ -130,10 +131,10 @@ def test_ext_backward_rejects_mismatched_inputs():
 
     students, teachers, masks = _op_args("cpu")
     _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)
-    with pytest.raises(RuntimeError, match="grad_losses has 3 values for 2 layers"):
-        torch.ops.eofd_ext.backward(torch.ones(3), students, teachers, masks, dim_stats, False)
+    with pytest.raises(RuntimeError, match="grad_losses has 4 values for 3 layers"):
+        torch.ops.eofd_ext.backward(torch.ones(4), students, teachers, masks, dim_stats, False)
     with pytest.raises(RuntimeError, match="dim_stats must be the forward's"):
-        torch.ops.eofd_ext.backward(torch.ones(2), students, teachers, masks,
+        torch.ops.eofd_ext.backward(torch.ones(3), students, teachers, masks,
                                     dim_stats[:1], False)
 
 
