@@ -76,64 +76,85 @@ Rows<R, elem_t> rows_at(const elem_t* const* rows) {
   return out;
 }
 
+// Elements of a row per 64-byte cache line: the tile loop goes a line of every row at a time.
+template <typename elem_t>
+constexpr int64_t kLineElems = 64 / sizeof(elem_t);
+
 // One tile of R rows, merged into the chunk's statistics (DESIGN §3, pivoted means):
 // tile pivot k = T's first row, m = mean(T - k), M2 = sum((T - k) - m)^2, then Chan's merge
 // (First: the chunk's first tile, taken whole), and sq_err += sum (S - T)^2.
 // frac = R / (count + R), cross = count * frac, count being the chunk's rows so far.
+// While it reads a line of each row, it prefetches the same line of each row of the next tile
+// (next_s, next_t) into L2: the hardware prefetchers lose track of 2R interleaved streams, and
+// without this the forward ran at 1.3-1.6x the time of a plain read of S and T; with it, at
+// about 1.0x (12 x 1024 x 768 fp32 on the 2-core CI machine, standalone harness).
 template <int R, bool First, typename elem_t, typename acc_t>
-__attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t, int64_t d,
-                                        acc_t frac, acc_t cross, acc_t* __restrict__ pivot,
-                                        acc_t* __restrict__ mean, acc_t* __restrict__ m2,
-                                        acc_t* __restrict__ sq_err) {
+__attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
+                                        Rows<R, elem_t> next_s, Rows<R, elem_t> next_t,
+                                        int64_t d, acc_t frac, acc_t cross,
+                                        acc_t* __restrict__ pivot, acc_t* __restrict__ mean,
+                                        acc_t* __restrict__ m2, acc_t* __restrict__ sq_err) {
   constexpr acc_t inv_rows = acc_t(1) / R;
+  constexpr int64_t kLine = kLineElems<elem_t>;
+  for (int64_t j0 = 0; j0 < d; j0 += kLine) {
+#pragma GCC unroll 8
+    for (int q = 0; q < R; ++q) {
+      __builtin_prefetch(next_s.row[q] + j0, 0, 2);  // read, into L2 (prefetcht1 on x86)
+      __builtin_prefetch(next_t.row[q] + j0, 0, 2);
+    }
+    const int64_t j_end = std::min(j0 + kLine, d);
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) {
-    const acc_t k = widen(t.row[0][j]);
-    acc_t shifted = 0, sq = 0;
+    for (int64_t j = j0; j < j_end; ++j) {
+      const acc_t k = widen(t.row[0][j]);
+      acc_t shifted = 0, sq = 0;
 #pragma GCC unroll 8
-    for (int q = 0; q < R; ++q) {
-      const acc_t tq = widen(t.row[q][j]);
-      const acc_t e = widen(s.row[q][j]) - tq;
-      shifted += tq - k;
-      sq += e * e;
-    }
-    const acc_t m = shifted * inv_rows;
-    acc_t dev2 = 0;
+      for (int q = 0; q < R; ++q) {
+        const acc_t tq = widen(t.row[q][j]);
+        const acc_t e = widen(s.row[q][j]) - tq;
+        shifted += tq - k;
+        sq += e * e;
+      }
+      const acc_t m = shifted * inv_rows;
+      acc_t dev2 = 0;
 #pragma GCC unroll 8
-    for (int q = 0; q < R; ++q) {
-      const acc_t u = (widen(t.row[q][j]) - k) - m;
-      dev2 += u * u;
-    }
-    if constexpr (First) {
-      pivot[j] = k;
-      mean[j] = m;
-      m2[j] = dev2;
-      sq_err[j] = sq;
-    } else {
-      const acc_t delta = (k - pivot[j]) + (m - mean[j]);
-      mean[j] += delta * frac;
-      m2[j] += dev2 + delta * delta * cross;
-      sq_err[j] += sq;
+      for (int q = 0; q < R; ++q) {
+        const acc_t u = (widen(t.row[q][j]) - k) - m;
+        dev2 += u * u;
+      }
+      if constexpr (First) {
+        pivot[j] = k;
+        mean[j] = m;
+        m2[j] = dev2;
+        sq_err[j] = sq;
+      } else {
+        const acc_t delta = (k - pivot[j]) + (m - mean[j]);
+        mean[j] += delta * frac;
+        m2[j] += dev2 + delta * delta * cross;
+        sq_err[j] += sq;
+      }
     }
   }
 }
 
 // Merges the tile of R rows at s_rows / t_rows into the chunk's statistics `out` (laid out as
-// in chunk_stats); `count` is the chunk's rows so far.
+// in chunk_stats); `count` is the chunk's rows so far. `next` is where the next tile starts in
+// the row arrays (the tile itself when there is none).
 template <int R, typename elem_t, typename acc_t>
-void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int64_t d,
+void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int next, int64_t d,
                 acc_t count, acc_t* out) {
   const auto s = rows_at<R>(s_rows);
   const auto t = rows_at<R>(t_rows);
+  const auto next_s = rows_at<R>(s_rows + next);
+  const auto next_t = rows_at<R>(t_rows + next);
   acc_t* pivot = out;
   acc_t* mean = out + d;
   acc_t* m2 = out + 2 * d;
   acc_t* sq_err = out + 3 * d;
   if (count == 0) {
-    add_tile<R, true>(s, t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
+    add_tile<R, true>(s, t, next_s, next_t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
   } else {
     const acc_t frac = acc_t(R) / (count + acc_t(R));
-    add_tile<R, false>(s, t, d, frac, count * frac, pivot, mean, m2, sq_err);
+    add_tile<R, false>(s, t, next_s, next_t, d, frac, count * frac, pivot, mean, m2, sq_err);
   }
 }
 
@@ -156,9 +177,13 @@ void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t
   std::fill(out, out + 4 * p.d, acc_t(0));
   int k = 0;
   for (; k + kTileRows <= n_valid; k += kTileRows) {
-    merge_tile<kTileRows>(s_rows + k, t_rows + k, p.d, static_cast<acc_t>(k), out);
+    const int next = k + 2 * kTileRows <= n_valid ? kTileRows : 0;
+    merge_tile<kTileRows>(s_rows + k, t_rows + k, next, p.d, static_cast<acc_t>(k), out);
   }
-  for (; k < n_valid; ++k) merge_tile<1>(s_rows + k, t_rows + k, p.d, static_cast<acc_t>(k), out);
+  for (; k < n_valid; ++k) {
+    merge_tile<1>(s_rows + k, t_rows + k, k + 1 < n_valid ? 1 : 0, p.d, static_cast<acc_t>(k),
+                  out);
+  }
   out[4 * p.d] = static_cast<acc_t>(n_valid);
 }
 
