@@ -23,12 +23,12 @@ struct LayerTable {
 // when a (n, d) view of it has unit column stride, else those of a contiguous copy (a
 // transposed (N, B, d), strided columns). Computed from sizes and strides, without the
 // dispatcher: reshape() per layer and side cost ~1 us, most of a small layer's op time.
-struct Rows {
+struct LayerRows {
   const void* data;
   int64_t n, d, row_stride;
 };
 
-inline Rows as_rows(const at::Tensor& x, LayerTable& table) {
+inline LayerRows as_rows(const at::Tensor& x, LayerTable& table) {
   const int64_t d = x.size(-1);
   const int64_t n = x.numel() / d;
   const auto strides = at::detail::computeStride(x.sizes(), x.strides(), at::IntArrayRef{n, d});
@@ -60,8 +60,8 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
     TORCH_CHECK(s.device() == device && t.device() == device, "eofd_ext: layer ", i,
                 ": expected tensors on ", device, ", got ", s.device(), " and ", t.device());
     TORCH_CHECK(s.numel() >= 1, "eofd_ext: layer ", i, " is empty: ", s.sizes());
-    const Rows sv = as_rows(s, table);
-    const Rows tv = as_rows(t, table);
+    const LayerRows sv = as_rows(s, table);
+    const LayerRows tv = as_rows(t, table);
     const int64_t n = sv.n, d = sv.d;
     const bool* mask = nullptr;
     const std::optional<at::Tensor> m = masks[i];
