@@ -49,8 +49,14 @@ def main() -> None:
     }, device, warmup=3, reps=args.reps)
     print(f"{args.model} L={shape.layers} B={args.batch} N={args.seq} d={shape.d} {args.dtype} "
           f"on {device}, median of {args.reps} round-robin reps")
+    median = {name: statistics.median(ms) for name, ms in times.items()}
+    # The floors: the forward reads S and T once; the backward reads them and streams dS out,
+    # the traffic of a copy of S (a copy's stores first read their lines).
+    floor = {"forward op": "read S and T", "backward op": "copy S"}
     for name, ms in times.items():
-        print(f"  {name:<13} {statistics.median(ms):8.3f} ms   (min {min(ms):.3f})")
+        versus = (f"   {median[name] / median[floor[name]]:.2f}x {floor[name]}"
+                  if name in floor else "")
+        print(f"  {name:<13} {median[name]:8.3f} ms   (min {min(ms):.3f}){versus}")
 
 
 if __name__ == "__main__":
