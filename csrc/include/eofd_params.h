@@ -52,6 +52,17 @@ struct Moments {
   T m2;
 };
 
+// Chan's parallel merge of b into a, keeping a's pivot; both hold tokens.
+template <typename T>
+EOFD_HD void chan_merge_nonempty(Moments<T>& a, const Moments<T>& b) {
+  const T n = a.count + b.count;
+  const T frac = b.count / n;
+  const T delta = (b.pivot - a.pivot) + (b.mean - a.mean);
+  a.mean += delta * frac;
+  a.m2 += b.m2 + delta * delta * a.count * frac;
+  a.count = n;
+}
+
 // Chan's parallel merge of b into a, keeping a's pivot (an empty a takes b whole).
 template <typename T>
 EOFD_HD void chan_merge(Moments<T>& a, const Moments<T>& b) {
@@ -60,12 +71,7 @@ EOFD_HD void chan_merge(Moments<T>& a, const Moments<T>& b) {
     a = b;
     return;
   }
-  const T n = a.count + b.count;
-  const T frac = b.count / n;
-  const T delta = (b.pivot - a.pivot) + (b.mean - a.mean);
-  a.mean += delta * frac;
-  a.m2 += b.m2 + delta * delta * a.count * frac;
-  a.count = n;
+  chan_merge_nonempty(a, b);
 }
 
 // w_d = (sigma_d / (sbar + eps)) ** p, with torch's x ** 0 == 1 (std::pow agrees). The paper's
