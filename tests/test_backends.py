@@ -201,6 +201,8 @@ def test_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(f, (*students, *teachers))
 
 
+@pytest.mark.filterwarnings("ignore:std\\(\\):UserWarning")  # the reference's "degrees of freedom"
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's 0 / 0
 @pytest.mark.parametrize("valid_tokens", [0, 1])
 def test_fewer_than_two_valid_tokens_give_nan_like_reference(valid_tokens):
     s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
