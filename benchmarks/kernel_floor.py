@@ -2,7 +2,9 @@
 
 Times, round-robin in one run: the forward op, the backward op (frozen teacher), a plain
 read of S and T (``sum``) and a copy of S, on all distilled layers of a paper model. The ops
-are called directly (no Python API, no autograd), so this isolates kernel time from dispatch.
+are called directly (no Python API, no autograd), so this isolates kernel time from dispatch;
+the whole training step (``eofd_loss`` forward and backward, as the benchmark sweep times it)
+is timed beside them against the step's floor, a read of S and T plus a copy of S.
 
     python benchmarks/kernel_floor.py [--model bert-base] [--batch 8] [--dtype fp32]
 """
@@ -15,7 +17,7 @@ import statistics
 import torch
 
 from eofd_kernels import ext_op  # noqa: F401  (registers the extension's ops)
-from eofd_kernels.bench.providers import make_inputs
+from eofd_kernels.bench.providers import make_inputs, make_step
 from eofd_kernels.bench.shapes import MODELS, model_shape
 from eofd_kernels.timing import time_ms_interleaved
 
@@ -34,8 +36,6 @@ def main() -> None:
     device = torch.device(args.device)
     shape = model_shape(args.model, args.batch, args.seq)
     students, teachers = make_inputs(shape, DTYPES[args.dtype], device)
-    students = [s.reshape(-1, shape.d) for s in students]
-    teachers = [t.reshape(-1, shape.d) for t in teachers]
     masks = [None] * shape.layers
     ops = torch.ops.eofd_ext
     _, dim_stats = ops.forward(students, teachers, masks, 0.5, 0.0)
@@ -46,13 +46,15 @@ def main() -> None:
         "backward op": lambda: ops.backward(grad, students, teachers, masks, dim_stats, False),
         "read S and T": lambda: [x.sum() for x in students + teachers],
         "copy S": lambda: [c.copy_(s) for c, s in zip(copies, students)],
+        "ext step": make_step("ext", "fwd+bwd", students, teachers),
     }, device, warmup=3, reps=args.reps)
     print(f"{args.model} L={shape.layers} B={args.batch} N={args.seq} d={shape.d} {args.dtype} "
           f"on {device}, median of {args.reps} round-robin reps")
     median = {name: statistics.median(ms) for name, ms in times.items()}
     # The floors: the forward reads S and T once; the backward reads them and streams dS out,
     # the traffic of a copy of S (a copy's stores first read their lines).
-    floor = {"forward op": "read S and T", "backward op": "copy S"}
+    median["read + copy"] = median["read S and T"] + median["copy S"]
+    floor = {"forward op": "read S and T", "backward op": "copy S", "ext step": "read + copy"}
     for name, ms in times.items():
         versus = (f"   {median[name] / median[floor[name]]:.2f}x {floor[name]}"
                   if name in floor else "")
