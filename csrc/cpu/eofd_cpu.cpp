@@ -264,7 +264,7 @@ void forward_impl(const LayerTable& table, double power, double eps, at::Tensor&
   // Every chunk writes all of its partial: no zeroing, and pooled pages that are already
   // faulted in (a fresh zeroed vector was ~3% of the forward's samples at BERT-base B=8).
   const at::Tensor workspace_buffer = OutputPool::instance()->empty(
-      {workspace_size}, std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat);
+      {workspace_size}, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* const workspace = static_cast<acc_t*>(workspace_buffer.data_ptr());
   parallel_over_chunks(
       static_cast<int64_t>(chunks.size()),

@@ -1,4 +1,5 @@
-// A size-keyed cache for the CPU op's outputs (dS, dT).
+// A size-keyed cache for the CPU op's large buffers (dS, dT, dim_stats, the forward's chunk
+// partials).
 //
 // glibc hands every multi-MB allocation back to the OS when it is freed, so each backward's
 // fresh dS pages fault in again and the kernel zeroes them: on the 2-core CI machine that
