@@ -5,7 +5,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(eofd_ext, m) {
-  // Per-layer losses (L,) and per-dim statistics (L, 8, max d) float64.
+  // Layer l: student and teacher (..., d_l), its tokens all the leading dims; mask (tokens,)
+  // bool or None. Per-layer losses (L,) and per-dim statistics (L, 8, max d) float64.
   m.def("forward(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
         "float eps) -> (Tensor, Tensor)");
   // dS per layer, and dT per layer when need_teacher_grad (else []).
