@@ -30,7 +30,6 @@ def layer_losses_ext(batch: LayerBatch, power: float, eps: float) -> Tensor:
     """Per-layer losses ``(L,)`` from the compiled kernels (S and T in one common dtype)."""
     layers = promote_layers(batch.students + batch.teachers)
     num_layers = batch.num_layers
-    masks = [None if m is None else m.contiguous() for m in batch.masks]
     return differentiable_layer_losses(torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward,
-                                       layers[:num_layers], layers[num_layers:], masks, power,
-                                       eps)
+                                       layers[:num_layers], layers[num_layers:], batch.masks,
+                                       power, eps)

@@ -25,7 +25,8 @@ class LayerBatch:
     """The distilled layers of one call.
 
     students[l], teachers[l]: the caller's ``(..., d_l)`` tensors, same shape; n_l tokens.
-    masks[l]: ``(n_l,)`` bool over the flattened tokens, or ``None`` when every token counts.
+    masks[l]: ``(n_l,)`` contiguous bool over the flattened tokens, or ``None`` when every
+        token counts.
     """
 
     students: list[torch.Tensor]
@@ -106,7 +107,7 @@ def _check_mask(i: int, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask[{i}]: on {m.device} but layer {i} is on {t.device}")
     if m.is_complex():
         raise TypeError(f"mask[{i}]: expected bool or 0/1 values, got {m.dtype}")
-    return (m if m.dtype == torch.bool else m != 0).reshape(-1)
+    return (m if m.dtype == torch.bool else m != 0).reshape(-1).contiguous()
 
 
 def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -49,7 +49,6 @@ register_eofd_autograd(triton_forward, triton_backward)
 
 def layer_losses_triton(batch: LayerBatch, power: float, eps: float) -> Tensor:
     """Per-layer losses ``(L,)`` from the fused kernels."""
-    masks = [None if m is None else m.contiguous() for m in batch.masks]
     return differentiable_layer_losses(triton_forward, triton_backward,
                                        promote_layers(batch.students),
-                                       promote_layers(batch.teachers), masks, power, eps)
+                                       promote_layers(batch.teachers), batch.masks, power, eps)
