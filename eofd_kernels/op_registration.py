@@ -14,8 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from . import layout
 
-__all__ = ["differentiable_layer_losses", "fake_backward", "fake_forward", "promote_layers",
-           "register_eofd_autograd"]
+__all__ = ["differentiable_layer_losses", "fake_backward", "fake_forward",
+           "fake_forward_and_unit_grad", "promote_layers", "register_eofd_autograd"]
 
 
 def fake_forward(students, teachers, masks, power, eps):
@@ -25,6 +25,11 @@ def fake_forward(students, teachers, masks, power, eps):
     dim_stats = students[0].new_empty((len(students), layout.DIM_FIELDS, max_d),
                                       dtype=torch.float64)
     return losses, dim_stats
+
+
+def fake_forward_and_unit_grad(students, teachers, masks, power, eps):
+    losses, dim_stats = fake_forward(students, teachers, masks, power, eps)
+    return losses, dim_stats, [s.new_empty(s.shape) for s in students]
 
 
 def fake_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad):
@@ -70,37 +75,60 @@ def register_eofd_autograd(forward_op, backward_op) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
+def _scaled_unit_grads(ctx, grad_losses) -> list[Tensor] | None:
+    """dS from the forward's unit-grad pass, scaled in place by ``grad_losses`` where they are
+    not 1 (one more rounding of dS, in its dtype); None once taken, so that a second backward
+    through a retained graph recomputes dS from the saved S and T."""
+    unit_grads, ctx.unit_grads = ctx.unit_grads, None
+    if unit_grads is not None and not bool((grad_losses == 1).all()):
+        for grad, g in zip(unit_grads, grad_losses.tolist()):
+            grad.mul_(g)
+    return unit_grads
+
+
 class _EagerLayerLosses(torch.autograd.Function):
     """The registered autograd of an op pair, over flattened tensors (no pytree).
 
-    apply(forward_op, backward_op, power, eps, L, *students, *teachers, *masks) -> (L,) losses.
+    apply(forward_op, backward_op, unit_grad_op, power, eps, L, *students, *teachers, *masks)
+    -> (L,) losses. ``unit_grad_op`` (or None): the forward that also returns dS for a unit
+    incoming grad, used when the teacher is frozen; ctx keeps those dS (not saved tensors: the
+    backward may scale them in place) for the backward to hand out.
     """
 
-    LEADING_ARGS = 5  # forward_op, backward_op, power, eps, L: no gradients
+    LEADING_ARGS = 6  # forward_op, backward_op, unit_grad_op, power, eps, L: no gradients
 
     @staticmethod
-    def forward(ctx, forward_op, backward_op, power, eps, num_layers, *layers):
+    def forward(ctx, forward_op, backward_op, unit_grad_op, power, eps, num_layers, *layers):
         students = list(layers[:num_layers])
         teachers = list(layers[num_layers:2 * num_layers])
         masks = list(layers[2 * num_layers:])
-        losses, dim_stats = forward_op(students, teachers, masks, power, eps)
-        ctx.backward_op = backward_op
         first_teacher = _EagerLayerLosses.LEADING_ARGS + num_layers
-        teacher_flags = ctx.needs_input_grad[first_teacher:first_teacher + num_layers]
-        _save(ctx, students, teachers, masks, dim_stats, any(teacher_flags))
+        need_teacher_grad = any(ctx.needs_input_grad[first_teacher:first_teacher + num_layers])
+        ctx.unit_grads = None
+        if unit_grad_op is not None and not need_teacher_grad:
+            losses, dim_stats, ctx.unit_grads = unit_grad_op(students, teachers, masks, power,
+                                                             eps)
+        else:
+            losses, dim_stats = forward_op(students, teachers, masks, power, eps)
+        ctx.backward_op = backward_op
+        _save(ctx, students, teachers, masks, dim_stats, need_teacher_grad)
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        d_students, d_teachers = _saved_grads(ctx, ctx.backward_op, grad_losses)
+        d_students = _scaled_unit_grads(ctx, grad_losses)
+        if d_students is None:
+            d_students, d_teachers = _saved_grads(ctx, ctx.backward_op, grad_losses)
+        else:
+            d_teachers = [None] * ctx.num_layers
         return ((None,) * _EagerLayerLosses.LEADING_ARGS + (*d_students, *d_teachers)
                 + (None,) * ctx.num_layers)
 
 
 def differentiable_layer_losses(forward_op, backward_op, students: list[Tensor],
                                 teachers: list[Tensor], masks: list[Tensor | None],
-                                power: float, eps: float) -> Tensor:
+                                power: float, eps: float, unit_grad_op=None) -> Tensor:
     """Per-layer losses ``(L,)`` of ``forward_op``, differentiable in S and T.
 
     ``torch.compile`` traces the registered op. Eager calls take the same forward, saved
@@ -108,12 +136,13 @@ def differentiable_layer_losses(forward_op, backward_op, students: list[Tensor],
     ``register_autograd`` installs pytree-flattens the three lists on every call. A 12-layer
     fwd+bwd of tiny layers took 0.29 ms through it and 0.15 ms through the plain Function on
     the 2-core CI machine, where the extension's kernels themselves take 0.04 ms.
+    Eager training calls with a frozen teacher use ``unit_grad_op`` when given.
     """
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in students + teachers)
     if torch.compiler.is_compiling() or not needs_grad:
         return forward_op(students, teachers, masks, power, eps)[0]
-    return _EagerLayerLosses.apply(forward_op, backward_op, power, eps, len(students),
-                                   *students, *teachers, *masks)
+    return _EagerLayerLosses.apply(forward_op, backward_op, unit_grad_op, power, eps,
+                                   len(students), *students, *teachers, *masks)
 
 
 def promote_layers(layers: list[Tensor]) -> list[Tensor]:

@@ -126,6 +126,57 @@ def test_opcheck_ext_ops(need_teacher_grad):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ext_unit_grad_forward_is_forward_then_unit_backward(dtype):
+    """The CPU training forward's dS for a unit grad has the bits of backward(ones), and its
+    losses and dim_stats those of the plain forward; opcheck covers its fake impl."""
+    import eofd_kernels.ext_op  # noqa: F401
+
+    students, teachers, masks = _op_args("cpu", dtype, teacher_grad=False)
+    ops = torch.ops.eofd_ext
+    losses, dim_stats, unit_grads = ops.forward_and_unit_grad(students, teachers, masks, 0.5, 0.0)
+    want_losses, want_stats = ops.forward(students, teachers, masks, 0.5, 0.0)
+    want_grads, _ = ops.backward(torch.ones(3, dtype=losses.dtype), students, teachers, masks,
+                                 want_stats, False)
+    assert torch.equal(losses, want_losses) and torch.equal(dim_stats, want_stats)
+    for got, want in zip(unit_grads, want_grads, strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+    # It runs inside an autograd.Function (no autograd of its own): inputs that need no grad.
+    torch.library.opcheck(ops.forward_and_unit_grad.default,
+                          ([s.detach() for s in students], teachers, masks, 0.5, 0.0))
+
+
+@needs_ext
+def test_ext_unit_grads_scaled_and_retained():
+    """Eager CPU calls take dS from the forward's unit-grad pass. An incoming grad of 1 gives
+    the registered backward's bits; another grad scales them in place (one more fp32
+    rounding); a second backward through a retained graph recomputes them from S and T."""
+    from eofd_kernels.op_registration import differentiable_layer_losses
+
+    ops = torch.ops.eofd_ext
+    students, teachers, masks = _op_args("cpu", teacher_grad=False)
+
+    def losses():
+        return differentiable_layer_losses(ops.forward, ops.backward, students, teachers, masks,
+                                           0.5, 0.0, ops.forward_and_unit_grad)
+
+    def registered_grads(grad):
+        return torch.autograd.grad(ops.forward(students, teachers, masks, 0.5, 0.0)[0], students,
+                                   grad)
+
+    ones = torch.ones(3)
+    for got, want in zip(torch.autograd.grad(losses(), students, ones), registered_grads(ones)):
+        assert torch.equal(got, want)
+    grad = torch.tensor([1.5, -2.0, 0.3])
+    retained = losses()
+    first = torch.autograd.grad(retained, students, grad, retain_graph=True)
+    second = torch.autograd.grad(retained, students, grad)
+    for a, b, want in zip(first, second, registered_grads(grad), strict=True):
+        assert rel_err(a, want) <= 2 ** -22  # dS = (c (S - T)) g: two fp32 roundings, not one
+        assert torch.equal(b, want)
+
+
+@needs_ext
 def test_ext_backward_rejects_mismatched_inputs():
     import eofd_kernels.ext_op  # noqa: F401
 

@@ -257,42 +257,6 @@ double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_c
   return weighted * inv_nd;
 }
 
-template <typename scalar_t>
-void forward_impl(const LayerTable& table, double power, double eps, at::Tensor& losses,
-                  at::Tensor& dim_stats) {
-  using acc_t = acc_type<scalar_t>;
-  int64_t workspace_size = 0;
-  const std::vector<Chunk> chunks = make_chunks(table, &workspace_size);
-  // Every chunk writes all of its partial: no zeroing, and pooled pages that are already
-  // faulted in (a fresh zeroed vector was ~3% of the forward's samples at BERT-base B=8).
-  const at::Tensor workspace_buffer = OutputPool::instance()->empty(
-      {workspace_size}, c10::CppTypeToScalarType<acc_t>::value);
-  acc_t* const workspace = static_cast<acc_t*>(workspace_buffer.data_ptr());
-  parallel_over_chunks(
-      static_cast<int64_t>(chunks.size()),
-      [&](int64_t i) {
-        const Chunk& c = chunks[i];
-        chunk_stats<element_t<scalar_t>, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
-                                                workspace + c.offset);
-      },
-      [] {});
-  const int64_t num_layers = table.layers.size();
-  std::vector<int64_t> first_chunk(num_layers + 1, 0);
-  for (const Chunk& c : chunks) first_chunk[c.layer + 1]++;
-  for (int64_t l = 0; l < num_layers; ++l) first_chunk[l + 1] += first_chunk[l];
-  double* stats = dim_stats.data_ptr<double>();
-  std::vector<double> layer_loss(num_layers);
-  at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) {
-      const Chunk& c = chunks[first_chunk[l]];
-      layer_loss[l] = finalize_layer(table.layers[l], workspace + c.offset,
-                                     first_chunk[l + 1] - first_chunk[l], power, eps,
-                                     stats + l * kDimFields * table.max_d, table.max_d);
-    }
-  });
-  losses.copy_(at::tensor(layer_loss, at::kDouble));
-}
-
 // The backward's per-dim vectors of one layer, in acc_t: g * coef_s, g * coef_t, pivot, mean.
 template <typename acc_t>
 struct BackwardCoefs {
@@ -341,24 +305,47 @@ void backward_row(const BackwardCoefs<acc_t>& c, const elem_t* s, const elem_t* 
   }
 }
 
+// The backward's per-dim vectors of one layer (its dim_stats rows `stats`) for incoming grad g.
+// g * coef is formed in fp64 and rounded once, so g = 1 gives the same bits on every path.
+template <typename acc_t>
+void fill_coefs(const double* stats, double g, int64_t max_d, acc_t* coefs) {
+  for (int64_t j = 0; j < max_d; ++j) {
+    coefs[j] = static_cast<acc_t>(g * stats[kCoefS * max_d + j]);
+    coefs[max_d + j] = static_cast<acc_t>(g * stats[kCoefT * max_d + j]);
+    coefs[2 * max_d + j] = static_cast<acc_t>(stats[kPivot * max_d + j]);
+    coefs[3 * max_d + j] = static_cast<acc_t>(stats[kMean * max_d + j]);
+  }
+}
+
+// dS (and dT when need_teacher_grad) of the rows of chunk `ch`, from fill_coefs' vectors.
+template <typename elem_t, typename acc_t>
+void backward_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coefs, int64_t max_d,
+                    bool need_teacher_grad) {
+  const BackwardCoefs<acc_t> c{coefs, coefs + max_d, coefs + 2 * max_d, coefs + 3 * max_d};
+  const int64_t d = p.d;
+  for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
+    auto* ds = static_cast<elem_t*>(p.grad_student) + r * d;
+    auto* dt = need_teacher_grad ? static_cast<elem_t*>(p.grad_teacher) + r * d : nullptr;
+    if (p.mask != nullptr && !p.mask[r]) {
+      std::fill(ds, ds + d, narrow<elem_t>(acc_t(0)));
+      if (dt != nullptr) std::fill(dt, dt + d, narrow<elem_t>(acc_t(0)));
+      continue;
+    }
+    backward_row(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
+                 static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds, dt, d);
+  }
+}
+
 template <typename scalar_t>
 void backward_impl(const LayerTable& table, const std::vector<double>& grads,
                    const at::Tensor& dim_stats, bool need_teacher_grad) {
   using acc_t = acc_type<scalar_t>;
-  using elem_t = element_t<scalar_t>;
   const int64_t num_layers = table.layers.size();
   const int64_t max_d = table.max_d;
   std::vector<acc_t> coefs(num_layers * 4 * max_d);
-  const double* stats = dim_stats.data_ptr<double>();
   for (int64_t l = 0; l < num_layers; ++l) {
-    const double* st = stats + l * kDimFields * max_d;
-    acc_t* c = coefs.data() + l * 4 * max_d;
-    for (int64_t j = 0; j < max_d; ++j) {
-      c[j] = static_cast<acc_t>(grads[l] * st[kCoefS * max_d + j]);
-      c[max_d + j] = static_cast<acc_t>(grads[l] * st[kCoefT * max_d + j]);
-      c[2 * max_d + j] = static_cast<acc_t>(st[kPivot * max_d + j]);
-      c[3 * max_d + j] = static_cast<acc_t>(st[kMean * max_d + j]);
-    }
+    fill_coefs(dim_stats.data_ptr<double>() + l * kDimFields * max_d, grads[l], max_d,
+               coefs.data() + l * 4 * max_d);
   }
   int64_t unused = 0;
   const std::vector<Chunk> chunks = make_chunks(table, &unused);
@@ -366,44 +353,113 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       static_cast<int64_t>(chunks.size()),
       [&](int64_t i) {
         const Chunk& ch = chunks[i];
-        const LayerParams& p = table.layers[ch.layer];
-        const acc_t* layer_coefs = coefs.data() + ch.layer * 4 * max_d;
-        const BackwardCoefs<acc_t> c{layer_coefs, layer_coefs + max_d, layer_coefs + 2 * max_d,
-                                     layer_coefs + 3 * max_d};
-        const int64_t d = p.d;
-        for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
-          auto* ds = static_cast<elem_t*>(p.grad_student) + r * d;
-          auto* dt = need_teacher_grad ? static_cast<elem_t*>(p.grad_teacher) + r * d : nullptr;
-          if (p.mask != nullptr && !p.mask[r]) {
-            std::fill(ds, ds + d, narrow<elem_t>(acc_t(0)));
-            if (dt != nullptr) std::fill(dt, dt + d, narrow<elem_t>(acc_t(0)));
-            continue;
-          }
-          backward_row(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
-                       static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds, dt, d);
-        }
+        backward_chunk<element_t<scalar_t>>(table.layers[ch.layer], ch,
+                                            coefs.data() + ch.layer * 4 * max_d, max_d,
+                                            need_teacher_grad);
       },
       stream_fence);
+}
+
+// The forward; with `unit_grads` it also writes dS for an incoming grad of 1 into the table's
+// grad_student buffers, layer by layer: a layer's S and T (6.3 MB at BERT-base B=8 fp32) are
+// still in the 32 MB L3 when its gradient pass rereads them right after its statistics, so a
+// training step reads S and T from memory once instead of twice (DESIGN §3 reads them again
+// in the backward). See ext_op.py for when the caller asks for it.
+template <typename scalar_t>
+void forward_impl(const LayerTable& table, double power, double eps, bool unit_grads,
+                  at::Tensor& losses, at::Tensor& dim_stats) {
+  using acc_t = acc_type<scalar_t>;
+  using elem_t = element_t<scalar_t>;
+  int64_t workspace_size = 0;
+  const std::vector<Chunk> chunks = make_chunks(table, &workspace_size);
+  // Every chunk writes all of its partial: no zeroing, and pooled pages that are already
+  // faulted in (a fresh zeroed vector was ~3% of the forward's samples at BERT-base B=8).
+  const at::Tensor workspace_buffer = OutputPool::instance()->empty(
+      {workspace_size}, c10::CppTypeToScalarType<acc_t>::value);
+  acc_t* const workspace = static_cast<acc_t*>(workspace_buffer.data_ptr());
+  const int64_t num_layers = table.layers.size();
+  const int64_t max_d = table.max_d;
+  std::vector<int64_t> first_chunk(num_layers + 1, 0);
+  for (const Chunk& c : chunks) first_chunk[c.layer + 1]++;
+  for (int64_t l = 0; l < num_layers; ++l) first_chunk[l + 1] += first_chunk[l];
+  auto stats_of_chunks = [&](int64_t begin, int64_t end) {
+    parallel_over_chunks(
+        end - begin,
+        [&](int64_t i) {
+          const Chunk& c = chunks[begin + i];
+          chunk_stats<elem_t, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
+                                     workspace + c.offset);
+        },
+        [] {});
+  };
+  double* stats = dim_stats.data_ptr<double>();
+  std::vector<double> layer_loss(num_layers);
+  auto finalize = [&](int64_t l) {
+    layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
+                                   first_chunk[l + 1] - first_chunk[l], power, eps,
+                                   stats + l * kDimFields * max_d, max_d);
+  };
+  if (unit_grads) {
+    std::vector<acc_t> coefs(4 * max_d);
+    for (int64_t l = 0; l < num_layers; ++l) {
+      stats_of_chunks(first_chunk[l], first_chunk[l + 1]);
+      finalize(l);
+      fill_coefs(stats + l * kDimFields * max_d, 1.0, max_d, coefs.data());
+      parallel_over_chunks(
+          first_chunk[l + 1] - first_chunk[l],
+          [&](int64_t i) {
+            const Chunk& c = chunks[first_chunk[l] + i];
+            backward_chunk<elem_t>(table.layers[l], c, coefs.data(), max_d, false);
+          },
+          stream_fence);
+    }
+  } else {
+    stats_of_chunks(0, static_cast<int64_t>(chunks.size()));
+    at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l) finalize(l);
+    });
+  }
+  losses.copy_(at::tensor(layer_loss, at::kDouble));
 }
 
 at::ScalarType result_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(
-    at::TensorList students, at::TensorList teachers,
-    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
-  const LayerTable table = make_layer_table(students, teachers, masks);
+at::Tensor pooled_empty_like(const at::Tensor& x) {
+  return OutputPool::instance()->empty(x.sizes(), x.scalar_type());
+}
+
+// Losses (L,) in the result dtype and dim_stats; dS for a unit grad too when `unit_grads`
+// (the table's grad_student buffers, allocated by the caller).
+std::tuple<at::Tensor, at::Tensor> run_forward(const LayerTable& table, double power, double eps,
+                                               bool unit_grads) {
   const int64_t num_layers = table.layers.size();
   // From the pool: at d = 4096 and 48 layers a fresh zeroed 12.6 MB buffer per call cost ~1 ms
   // of page faults and memset; finalize writes every element.
   auto dim_stats = OutputPool::instance()->empty({num_layers, kDimFields, table.max_d},
                                                  at::kDouble);
-  auto losses = at::empty({num_layers}, students[0].options().dtype(at::kDouble));
+  auto losses = at::empty({num_layers}, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_forward_cpu", [&] {
-    forward_impl<scalar_t>(table, power, eps, losses, dim_stats);
+    forward_impl<scalar_t>(table, power, eps, unit_grads, losses, dim_stats);
   });
   return {losses.to(result_dtype(table.dtype)), dim_stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(
+    at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
+  return run_forward(make_layer_table(students, teachers, masks), power, eps, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_and_unit_grad_cpu(
+    at::TensorList students, at::TensorList teachers,
+    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
+  LayerTable table = make_layer_table(students, teachers, masks);
+  auto d_students = std::get<0>(allocate_grads(table, students, teachers, false,
+                                               pooled_empty_like));
+  auto [losses, dim_stats] = run_forward(table, power, eps, true);
+  return {losses, dim_stats, d_students};
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
@@ -416,10 +472,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
   const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
   const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
-                                  [](const at::Tensor& x) {
-                                    return OutputPool::instance()->empty(x.sizes(),
-                                                                         x.scalar_type());
-                                  });
+                                  pooled_empty_like);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
                                   [&] {
                                     backward_impl<scalar_t>(table, grads, dim_stats,
@@ -432,6 +485,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
 
 TORCH_LIBRARY_IMPL(eofd_ext, CPU, m) {
   m.impl("forward", &forward_cpu);
+  m.impl("forward_and_unit_grad", &forward_and_unit_grad_cpu);
   m.impl("backward", &backward_cpu);
 }
 
