@@ -9,9 +9,10 @@ TORCH_LIBRARY(eofd_ext, m) {
   // bool or None. Per-layer losses (L,) and per-dim statistics (L, 8, max d) float64.
   m.def("forward(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
         "float eps) -> (Tensor, Tensor)");
-  // forward, plus dS per layer for grad_losses = 1 (CPU only: see cpu/eofd_cpu.cpp).
-  m.def("forward_and_unit_grad(Tensor[] students, Tensor[] teachers, Tensor?[] masks, "
-        "float power, float eps) -> (Tensor, Tensor, Tensor[])");
+  // forward, plus backward's dS for an expected grad_losses, computed while a group of layers
+  // (at most group_bytes of S and T) is still cached (CPU only: see cpu/eofd_cpu.cpp).
+  m.def("forward_and_grad(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
+        "float eps, Tensor grad_losses, int group_bytes) -> (Tensor, Tensor, Tensor[])");
   // dS per layer, and dT per layer when need_teacher_grad (else []).
   m.def("backward(Tensor grad_losses, Tensor[] students, Tensor[] teachers, Tensor?[] masks, "
         "Tensor dim_stats, bool need_teacher_grad) -> (Tensor[], Tensor[])");

@@ -80,11 +80,16 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
 }
 
 // The backward's own inputs: one grad per layer, and the forward's float64 dim_stats.
-inline void check_backward_inputs(const LayerTable& table, const at::Tensor& grad_losses,
-                                  const at::Tensor& dim_stats) {
+inline void check_grad_losses(const LayerTable& table, const at::Tensor& grad_losses) {
   const int64_t num_layers = table.layers.size();
   TORCH_CHECK(grad_losses.numel() == num_layers, "eofd_ext: grad_losses has ",
               grad_losses.numel(), " values for ", num_layers, " layers");
+}
+
+inline void check_backward_inputs(const LayerTable& table, const at::Tensor& grad_losses,
+                                  const at::Tensor& dim_stats) {
+  check_grad_losses(table, grad_losses);
+  const int64_t num_layers = table.layers.size();
   TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
                   dim_stats.sizes() == at::IntArrayRef({num_layers, kDimFields, table.max_d}),
               "eofd_ext: dim_stats must be the forward's contiguous float64 (", num_layers, ", ",

@@ -3,6 +3,9 @@ traceable (fake impls) and differentiable (autograd) here."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -12,7 +15,7 @@ from .op_registration import (
     differentiable_layer_losses,
     fake_backward,
     fake_forward,
-    fake_forward_and_unit_grad,
+    fake_forward_and_grad,
     promote_layers,
     register_eofd_autograd,
 )
@@ -23,19 +26,43 @@ if load_error() is not None:
     raise ImportError(load_error())
 
 torch.library.register_fake("eofd_ext::forward")(fake_forward)
-torch.library.register_fake("eofd_ext::forward_and_unit_grad")(fake_forward_and_unit_grad)
+torch.library.register_fake("eofd_ext::forward_and_grad")(fake_forward_and_grad)
 torch.library.register_fake("eofd_ext::backward")(fake_backward)
 register_eofd_autograd("eofd_ext::forward", torch.ops.eofd_ext.backward)
+
+
+@functools.cache
+def grad_group_bytes() -> int:
+    """S and T bytes per group of the CPU forward's gradient pass (csrc/cpu/eofd_cpu.cpp): a
+    quarter of the L3 cache, which kept a BERT-base layer at B=8 fp32 (6.3 MB of a 32 MB L3)
+    cached between the passes; 0 (the pass is not used) where sysfs does not give the L3
+    size."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 0
+    units = {"K": 2 ** 10, "M": 2 ** 20}
+    l3_bytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return l3_bytes // 4
+
+
+def _grad_forward_op(layers: list[Tensor]):
+    """The forward that also gives dS, where it pays: CPU tensors whose largest layer fits a
+    group (else the gradient pass rereads S and T from memory, and an unexpected incoming
+    grad costs a whole extra pass over them). A GPU keeps DESIGN §3's separate backward:
+    nothing measured there says this pays."""
+    num_layers = len(layers) // 2
+    group_bytes = grad_group_bytes()
+    largest = max(2 * s.numel() * s.element_size() for s in layers[:num_layers])
+    if layers[0].device.type != "cpu" or largest > group_bytes:
+        return None
+    return functools.partial(torch.ops.eofd_ext.forward_and_grad, group_bytes=group_bytes)
 
 
 def layer_losses_ext(batch: LayerBatch, power: float, eps: float) -> Tensor:
     """Per-layer losses ``(L,)`` from the compiled kernels (S and T in one common dtype)."""
     layers = promote_layers(batch.students + batch.teachers)
     num_layers = batch.num_layers
-    # CPU only: there the layer is still in L3 for the unit-grad pass (csrc/cpu/eofd_cpu.cpp);
-    # a GPU gains nothing from it unmeasured, so CUDA keeps DESIGN §3's separate backward.
-    unit_grad_op = (torch.ops.eofd_ext.forward_and_unit_grad if layers[0].device.type == "cpu"
-                    else None)
     return differentiable_layer_losses(torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward,
                                        layers[:num_layers], layers[num_layers:], batch.masks,
-                                       power, eps, unit_grad_op)
+                                       power, eps, _grad_forward_op(layers))

@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from . import layout
 
 __all__ = ["differentiable_layer_losses", "fake_backward", "fake_forward",
-           "fake_forward_and_unit_grad", "promote_layers", "register_eofd_autograd"]
+           "fake_forward_and_grad", "promote_layers", "register_eofd_autograd"]
 
 
 def fake_forward(students, teachers, masks, power, eps):
@@ -27,7 +27,7 @@ def fake_forward(students, teachers, masks, power, eps):
     return losses, dim_stats
 
 
-def fake_forward_and_unit_grad(students, teachers, masks, power, eps):
+def fake_forward_and_grad(students, teachers, masks, power, eps, grad_losses, group_bytes):
     losses, dim_stats = fake_forward(students, teachers, masks, power, eps)
     return losses, dim_stats, [s.new_empty(s.shape) for s in students]
 
@@ -75,39 +75,51 @@ def register_eofd_autograd(forward_op, backward_op) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
-def _scaled_unit_grads(ctx, grad_losses) -> list[Tensor] | None:
-    """dS from the forward's unit-grad pass, scaled in place by ``grad_losses`` where they are
-    not 1 (one more rounding of dS, in its dtype); None once taken, so that a second backward
-    through a retained graph recomputes dS from the saved S and T."""
-    unit_grads, ctx.unit_grads = ctx.unit_grads, None
-    if unit_grads is not None and not bool((grad_losses == 1).all()):
-        for grad, g in zip(unit_grads, grad_losses.tolist()):
-            grad.mul_(g)
-    return unit_grads
+# The incoming grads of the last eager backward, per layer count. A training loop repeats its
+# step, so they are what the next step's backward will bring (1, a loss weight, 1 / the
+# gradient-accumulation steps): the forward computes dS for them ahead (forward_and_grad).
+_expected_grads: dict[int, Tensor] = {}
+
+
+def _early_grads(ctx, grad_losses) -> list[Tensor] | None:
+    """The forward's dS if ``grad_losses`` are the grads it expected (then they are the
+    backward op's bits), else None; None too once taken, so that a second backward through a
+    retained graph recomputes dS from the saved S and T. A miss becomes the next expectation."""
+    early_grads, ctx.early_grads = ctx.early_grads, None
+    if early_grads is None:
+        return None
+    came = grad_losses.detach().to(torch.float64, copy=True)
+    if torch.equal(came, ctx.expected_grads):
+        return early_grads
+    _expected_grads[ctx.num_layers] = came
+    return None
 
 
 class _EagerLayerLosses(torch.autograd.Function):
     """The registered autograd of an op pair, over flattened tensors (no pytree).
 
-    apply(forward_op, backward_op, unit_grad_op, power, eps, L, *students, *teachers, *masks)
-    -> (L,) losses. ``unit_grad_op`` (or None): the forward that also returns dS for a unit
-    incoming grad, used when the teacher is frozen; ctx keeps those dS (not saved tensors: the
-    backward may scale them in place) for the backward to hand out.
+    apply(forward_op, backward_op, grad_forward_op, power, eps, L, *students, *teachers,
+    *masks) -> (L,) losses. ``grad_forward_op`` (or None): a forward that also returns dS for
+    given incoming grads, used when the teacher is frozen; ctx keeps that dS (not as saved
+    tensors: they become the returned grads) for the backward to hand out when it fits.
     """
 
-    LEADING_ARGS = 6  # forward_op, backward_op, unit_grad_op, power, eps, L: no gradients
+    LEADING_ARGS = 6  # forward_op, backward_op, grad_forward_op, power, eps, L: no gradients
 
     @staticmethod
-    def forward(ctx, forward_op, backward_op, unit_grad_op, power, eps, num_layers, *layers):
+    def forward(ctx, forward_op, backward_op, grad_forward_op, power, eps, num_layers, *layers):
         students = list(layers[:num_layers])
         teachers = list(layers[num_layers:2 * num_layers])
         masks = list(layers[2 * num_layers:])
         first_teacher = _EagerLayerLosses.LEADING_ARGS + num_layers
         need_teacher_grad = any(ctx.needs_input_grad[first_teacher:first_teacher + num_layers])
-        ctx.unit_grads = None
-        if unit_grad_op is not None and not need_teacher_grad:
-            losses, dim_stats, ctx.unit_grads = unit_grad_op(students, teachers, masks, power,
-                                                             eps)
+        ctx.early_grads = None
+        if grad_forward_op is not None and not need_teacher_grad:
+            expected = _expected_grads.get(num_layers)
+            ctx.expected_grads = (torch.ones(num_layers, dtype=torch.float64) if expected is None
+                                  else expected)
+            losses, dim_stats, ctx.early_grads = grad_forward_op(students, teachers, masks, power,
+                                                                 eps, ctx.expected_grads)
         else:
             losses, dim_stats = forward_op(students, teachers, masks, power, eps)
         ctx.backward_op = backward_op
@@ -117,7 +129,7 @@ class _EagerLayerLosses(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        d_students = _scaled_unit_grads(ctx, grad_losses)
+        d_students = _early_grads(ctx, grad_losses)
         if d_students is None:
             d_students, d_teachers = _saved_grads(ctx, ctx.backward_op, grad_losses)
         else:
@@ -128,7 +140,7 @@ class _EagerLayerLosses(torch.autograd.Function):
 
 def differentiable_layer_losses(forward_op, backward_op, students: list[Tensor],
                                 teachers: list[Tensor], masks: list[Tensor | None],
-                                power: float, eps: float, unit_grad_op=None) -> Tensor:
+                                power: float, eps: float, grad_forward_op=None) -> Tensor:
     """Per-layer losses ``(L,)`` of ``forward_op``, differentiable in S and T.
 
     ``torch.compile`` traces the registered op. Eager calls take the same forward, saved
@@ -136,12 +148,12 @@ def differentiable_layer_losses(forward_op, backward_op, students: list[Tensor],
     ``register_autograd`` installs pytree-flattens the three lists on every call. A 12-layer
     fwd+bwd of tiny layers took 0.29 ms through it and 0.15 ms through the plain Function on
     the 2-core CI machine, where the extension's kernels themselves take 0.04 ms.
-    Eager training calls with a frozen teacher use ``unit_grad_op`` when given.
+    Eager training calls with a frozen teacher use ``grad_forward_op`` when given.
     """
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in students + teachers)
     if torch.compiler.is_compiling() or not needs_grad:
         return forward_op(students, teachers, masks, power, eps)[0]
-    return _EagerLayerLosses.apply(forward_op, backward_op, unit_grad_op, power, eps,
+    return _EagerLayerLosses.apply(forward_op, backward_op, grad_forward_op, power, eps,
                                    len(students), *students, *teachers, *masks)
 
 

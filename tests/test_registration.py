@@ -127,53 +127,66 @@ def test_opcheck_ext_ops(need_teacher_grad):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_ext_unit_grad_forward_is_forward_then_unit_backward(dtype):
-    """The CPU training forward's dS for a unit grad has the bits of backward(ones), and its
-    losses and dim_stats those of the plain forward; opcheck covers its fake impl."""
+def test_ext_forward_and_grad_is_forward_then_backward(dtype):
+    """The CPU training forward's dS has the bits of the backward op for the same grads, and
+    its losses and dim_stats those of the plain forward; opcheck covers its fake impl."""
     import eofd_kernels.ext_op  # noqa: F401
 
     students, teachers, masks = _op_args("cpu", dtype, teacher_grad=False)
+    students = [s.detach() for s in students]  # it runs inside an autograd.Function
     ops = torch.ops.eofd_ext
-    losses, dim_stats, unit_grads = ops.forward_and_unit_grad(students, teachers, masks, 0.5, 0.0)
+    grad = torch.tensor([1.5, -2.0, 0.3], dtype=torch.float64)
+    # 2000 bytes of S and T per group: groups {0, 1} {2} in fp32, {0, 1, 2} in bf16, one layer
+    # each in fp64.
+    args = (students, teachers, masks, 0.5, 0.0, grad, 2000)
+    losses, dim_stats, d_students = ops.forward_and_grad(*args)
     want_losses, want_stats = ops.forward(students, teachers, masks, 0.5, 0.0)
-    want_grads, _ = ops.backward(torch.ones(3, dtype=losses.dtype), students, teachers, masks,
-                                 want_stats, False)
+    want_grads, _ = ops.backward(grad, students, teachers, masks, want_stats, False)
     assert torch.equal(losses, want_losses) and torch.equal(dim_stats, want_stats)
-    for got, want in zip(unit_grads, want_grads, strict=True):
+    for got, want in zip(d_students, want_grads, strict=True):
         assert got.dtype == dtype and torch.equal(got, want)
-    # It runs inside an autograd.Function (no autograd of its own): inputs that need no grad.
-    torch.library.opcheck(ops.forward_and_unit_grad.default,
-                          ([s.detach() for s in students], teachers, masks, 0.5, 0.0))
+    torch.library.opcheck(ops.forward_and_grad.default, args)
 
 
 @needs_ext
-def test_ext_unit_grads_scaled_and_retained():
-    """Eager CPU calls take dS from the forward's unit-grad pass. An incoming grad of 1 gives
-    the registered backward's bits; another grad scales them in place (one more fp32
-    rounding); a second backward through a retained graph recomputes them from S and T."""
-    from eofd_kernels.op_registration import differentiable_layer_losses
+def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
+    """Eager CPU calls compute dS in the forward for the grads the last backward brought (1 at
+    first) and hand it out when the same grads come; other grads, and a second backward
+    through a retained graph, recompute it. Every path gives the registered backward's bits."""
+    from eofd_kernels import op_registration
 
     ops = torch.ops.eofd_ext
     students, teachers, masks = _op_args("cpu", teacher_grad=False)
+    calls = []
 
-    def losses():
-        return differentiable_layer_losses(ops.forward, ops.backward, students, teachers, masks,
-                                           0.5, 0.0, ops.forward_and_unit_grad)
+    def grad_forward_op(*args):
+        calls.append(args[-1].tolist())
+        return ops.forward_and_grad(*args, 1 << 20)
 
-    def registered_grads(grad):
-        return torch.autograd.grad(ops.forward(students, teachers, masks, 0.5, 0.0)[0], students,
+    def backward_op(*args):
+        calls.append("backward")
+        return ops.backward(*args)
+
+    def grads(grad, retained=None):
+        losses = retained if retained is not None else op_registration.differentiable_layer_losses(
+            ops.forward, backward_op, students, teachers, masks, 0.5, 0.0, grad_forward_op)
+        got = torch.autograd.grad(losses, students, grad, retain_graph=retained is None)
+        want = torch.autograd.grad(ops.forward(students, teachers, masks, 0.5, 0.0)[0], students,
                                    grad)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        return losses
 
-    ones = torch.ones(3)
-    for got, want in zip(torch.autograd.grad(losses(), students, ones), registered_grads(ones)):
-        assert torch.equal(got, want)
-    grad = torch.tensor([1.5, -2.0, 0.3])
-    retained = losses()
-    first = torch.autograd.grad(retained, students, grad, retain_graph=True)
-    second = torch.autograd.grad(retained, students, grad)
-    for a, b, want in zip(first, second, registered_grads(grad), strict=True):
-        assert rel_err(a, want) <= 2 ** -22  # dS = (c (S - T)) g: two fp32 roundings, not one
-        assert torch.equal(b, want)
+    op_registration._expected_grads.pop(len(students), None)
+    ones, weighted = torch.ones(3), torch.tensor([1.5, -2.0, 0.3])
+    grads(ones)
+    assert calls == [[1.0, 1.0, 1.0]]  # expected and taken: no backward op
+    grads(weighted)
+    assert calls[1:] == [[1.0, 1.0, 1.0], "backward"]  # a miss: recomputed, now expected
+    retained = grads(weighted)
+    assert calls[3:] == [[1.5, -2.0, 0.30000001192092896]]
+    grads(weighted, retained)
+    assert calls[4:] == ["backward"]  # taken once: the retained graph recomputes
 
 
 @needs_ext

@@ -360,14 +360,16 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       stream_fence);
 }
 
-// The forward; with `unit_grads` it also writes dS for an incoming grad of 1 into the table's
-// grad_student buffers, layer by layer: a layer's S and T (6.3 MB at BERT-base B=8 fp32) are
-// still in the 32 MB L3 when its gradient pass rereads them right after its statistics, so a
-// training step reads S and T from memory once instead of twice (DESIGN §3 reads them again
-// in the backward). See ext_op.py for when the caller asks for it.
+// The forward. With group_bytes > 0 it also writes dS for the incoming grads `grads` (one per
+// layer, the backward's formula and bits) into the table's grad_student buffers, a group of consecutive layers at a time (S and T of at most
+// group_bytes, or one layer): the group's statistics, its finalize, then its gradient pass,
+// which rereads S and T from L3 right after the statistics read them from memory. A training
+// step then reads S and T from memory once, not twice as DESIGN §3's separate backward does.
+// Groups, not single layers: a BERT-base layer at B = 2 is one 256-row chunk, one thread's
+// work. The caller picks group_bytes from the cache size (ext_op.py).
 template <typename scalar_t>
-void forward_impl(const LayerTable& table, double power, double eps, bool unit_grads,
-                  at::Tensor& losses, at::Tensor& dim_stats) {
+void forward_impl(const LayerTable& table, double power, double eps, int64_t group_bytes,
+                  const std::vector<double>& grads, at::Tensor& losses, at::Tensor& dim_stats) {
   using acc_t = acc_type<scalar_t>;
   using elem_t = element_t<scalar_t>;
   int64_t workspace_size = 0;
@@ -382,42 +384,51 @@ void forward_impl(const LayerTable& table, double power, double eps, bool unit_g
   std::vector<int64_t> first_chunk(num_layers + 1, 0);
   for (const Chunk& c : chunks) first_chunk[c.layer + 1]++;
   for (int64_t l = 0; l < num_layers; ++l) first_chunk[l + 1] += first_chunk[l];
-  auto stats_of_chunks = [&](int64_t begin, int64_t end) {
+  double* stats = dim_stats.data_ptr<double>();
+  std::vector<double> layer_loss(num_layers);
+  std::vector<acc_t> coefs(group_bytes > 0 ? num_layers * 4 * max_d : 0);
+  // Layers [begin, end): statistics, finalize, and with group_bytes > 0 the gradient pass.
+  auto run_layers = [&](int64_t begin, int64_t end) {
     parallel_over_chunks(
-        end - begin,
+        first_chunk[end] - first_chunk[begin],
         [&](int64_t i) {
-          const Chunk& c = chunks[begin + i];
+          const Chunk& c = chunks[first_chunk[begin] + i];
           chunk_stats<elem_t, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
                                      workspace + c.offset);
         },
         [] {});
-  };
-  double* stats = dim_stats.data_ptr<double>();
-  std::vector<double> layer_loss(num_layers);
-  auto finalize = [&](int64_t l) {
-    layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
-                                   first_chunk[l + 1] - first_chunk[l], power, eps,
-                                   stats + l * kDimFields * max_d, max_d);
-  };
-  if (unit_grads) {
-    std::vector<acc_t> coefs(4 * max_d);
-    for (int64_t l = 0; l < num_layers; ++l) {
-      stats_of_chunks(first_chunk[l], first_chunk[l + 1]);
-      finalize(l);
-      fill_coefs(stats + l * kDimFields * max_d, 1.0, max_d, coefs.data());
-      parallel_over_chunks(
-          first_chunk[l + 1] - first_chunk[l],
-          [&](int64_t i) {
-            const Chunk& c = chunks[first_chunk[l] + i];
-            backward_chunk<elem_t>(table.layers[l], c, coefs.data(), max_d, false);
-          },
-          stream_fence);
-    }
-  } else {
-    stats_of_chunks(0, static_cast<int64_t>(chunks.size()));
-    at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t l = begin; l < end; ++l) finalize(l);
+    at::parallel_for(begin, end, 1, [&](int64_t layer_begin, int64_t layer_end) {
+      for (int64_t l = layer_begin; l < layer_end; ++l) {
+        double* layer_stats = stats + l * kDimFields * max_d;
+        layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
+                                       first_chunk[l + 1] - first_chunk[l], power, eps,
+                                       layer_stats, max_d);
+        if (group_bytes > 0) fill_coefs(layer_stats, grads[l], max_d, coefs.data() + l * 4 * max_d);
+      }
     });
+    if (group_bytes == 0) return;
+    parallel_over_chunks(
+        first_chunk[end] - first_chunk[begin],
+        [&](int64_t i) {
+          const Chunk& c = chunks[first_chunk[begin] + i];
+          backward_chunk<elem_t>(table.layers[c.layer], c, coefs.data() + c.layer * 4 * max_d,
+                                 max_d, false);
+        },
+        stream_fence);
+  };
+  if (group_bytes == 0) {
+    run_layers(0, num_layers);
+  } else {
+    for (int64_t begin = 0, end = 0; begin < num_layers; begin = end) {
+      int64_t bytes = 0;
+      do {
+        const LayerParams& p = table.layers[end++];
+        bytes += 2 * p.n * p.d * static_cast<int64_t>(sizeof(elem_t));
+      } while (end < num_layers &&
+               bytes + 2 * table.layers[end].n * table.layers[end].d *
+                   static_cast<int64_t>(sizeof(elem_t)) <= group_bytes);
+      run_layers(begin, end);
+    }
   }
   losses.copy_(at::tensor(layer_loss, at::kDouble));
 }
@@ -430,10 +441,11 @@ at::Tensor pooled_empty_like(const at::Tensor& x) {
   return OutputPool::instance()->empty(x.sizes(), x.scalar_type());
 }
 
-// Losses (L,) in the result dtype and dim_stats; dS for a unit grad too when `unit_grads`
-// (the table's grad_student buffers, allocated by the caller).
+// Losses (L,) in the result dtype and dim_stats; dS for `grads` too when group_bytes > 0
+// (into the table's grad_student buffers, allocated by the caller).
 std::tuple<at::Tensor, at::Tensor> run_forward(const LayerTable& table, double power, double eps,
-                                               bool unit_grads) {
+                                               int64_t group_bytes,
+                                               const std::vector<double>& grads = {}) {
   const int64_t num_layers = table.layers.size();
   // From the pool: at d = 4096 and 48 layers a fresh zeroed 12.6 MB buffer per call cost ~1 ms
   // of page faults and memset; finalize writes every element.
@@ -441,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const LayerTable& table, double p
                                                  at::kDouble);
   auto losses = at::empty({num_layers}, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_forward_cpu", [&] {
-    forward_impl<scalar_t>(table, power, eps, unit_grads, losses, dim_stats);
+    forward_impl<scalar_t>(table, power, eps, group_bytes, grads, losses, dim_stats);
   });
   return {losses.to(result_dtype(table.dtype)), dim_stats};
 }
@@ -449,16 +461,27 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const LayerTable& table, double p
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
     at::TensorList students, at::TensorList teachers,
     const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
-  return run_forward(make_layer_table(students, teachers, masks), power, eps, false);
+  return run_forward(make_layer_table(students, teachers, masks), power, eps, 0);
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_and_unit_grad_cpu(
+// grad_losses (checked against the layer count) as host fp64 values.
+std::vector<double> host_grads(const LayerTable& table, const at::Tensor& grad_losses) {
+  check_grad_losses(table, grad_losses);
+  const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
+  return {g.data_ptr<double>(), g.data_ptr<double>() + g.numel()};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_and_grad_cpu(
     at::TensorList students, at::TensorList teachers,
-    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
+    const c10::List<std::optional<at::Tensor>>& masks, double power, double eps,
+    const at::Tensor& grad_losses, int64_t group_bytes) {
+  TORCH_CHECK(group_bytes > 0, "eofd_ext::forward_and_grad: group_bytes must be positive, got ",
+              group_bytes);
   LayerTable table = make_layer_table(students, teachers, masks);
+  const std::vector<double> grads = host_grads(table, grad_losses);
   auto d_students = std::get<0>(allocate_grads(table, students, teachers, false,
                                                pooled_empty_like));
-  auto [losses, dim_stats] = run_forward(table, power, eps, true);
+  auto [losses, dim_stats] = run_forward(table, power, eps, group_bytes, grads);
   return {losses, dim_stats, d_students};
 }
 
@@ -468,9 +491,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
     bool need_teacher_grad) {
   LayerTable table = make_layer_table(students, teachers, masks);
   check_backward_inputs(table, grad_losses, dim_stats);
-  const int64_t num_layers = table.layers.size();
-  const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
-  const std::vector<double> grads(g.data_ptr<double>(), g.data_ptr<double>() + num_layers);
+  const std::vector<double> grads = host_grads(table, grad_losses);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
                                   pooled_empty_like);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
@@ -485,7 +506,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
 
 TORCH_LIBRARY_IMPL(eofd_ext, CPU, m) {
   m.impl("forward", &forward_cpu);
-  m.impl("forward_and_unit_grad", &forward_and_unit_grad_cpu);
+  m.impl("forward_and_grad", &forward_and_grad_cpu);
   m.impl("backward", &backward_cpu);
 }
 
