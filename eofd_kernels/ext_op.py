@@ -50,11 +50,12 @@ def _grad_forward_op(layers: list[Tensor]):
     """The forward that also gives dS, where it pays: CPU tensors whose largest layer fits a
     group (else the gradient pass rereads S and T from memory, and an unexpected incoming
     grad costs a whole extra pass over them). A GPU keeps DESIGN §3's separate backward:
-    nothing measured there says this pays."""
-    num_layers = len(layers) // 2
+    nothing measured there says this pays. Compiled graphs use the registered autograd."""
+    if torch.compiler.is_compiling() or layers[0].device.type != "cpu":
+        return None
     group_bytes = grad_group_bytes()
-    largest = max(2 * s.numel() * s.element_size() for s in layers[:num_layers])
-    if layers[0].device.type != "cpu" or largest > group_bytes:
+    largest = max(2 * s.numel() * s.element_size() for s in layers[:len(layers) // 2])
+    if largest > group_bytes:
         return None
     return functools.partial(torch.ops.eofd_ext.forward_and_grad, group_bytes=group_bytes)
 
