@@ -79,13 +79,14 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
   return table;
 }
 
-// The backward's own inputs: one grad per layer, and the forward's float64 dim_stats.
+// One incoming grad per layer.
 inline void check_grad_losses(const LayerTable& table, const at::Tensor& grad_losses) {
   const int64_t num_layers = table.layers.size();
   TORCH_CHECK(grad_losses.numel() == num_layers, "eofd_ext: grad_losses has ",
               grad_losses.numel(), " values for ", num_layers, " layers");
 }
 
+// The backward's own inputs: one grad per layer, and the forward's float64 dim_stats.
 inline void check_backward_inputs(const LayerTable& table, const at::Tensor& grad_losses,
                                   const at::Tensor& dim_stats) {
   check_grad_losses(table, grad_losses);

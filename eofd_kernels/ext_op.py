@@ -50,8 +50,10 @@ def _grad_forward_op(layers: list[Tensor]):
     """The forward that also gives dS, where it pays: CPU tensors whose largest layer fits a
     group (else the gradient pass rereads S and T from memory, and an unexpected incoming
     grad costs a whole extra pass over them). A GPU keeps DESIGN §3's separate backward:
-    nothing measured there says this pays. Compiled graphs use the registered autograd."""
-    if torch.compiler.is_compiling() or layers[0].device.type != "cpu":
+    nothing measured there says this pays. Compiled graphs use the registered autograd, and
+    calls without grad mode the plain forward (so they skip the size check too)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or layers[0].device.type != "cpu"):
         return None
     group_bytes = grad_group_bytes()
     largest = max(2 * s.numel() * s.element_size() for s in layers[:len(layers) // 2])

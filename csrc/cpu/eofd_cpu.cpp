@@ -466,9 +466,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
   return run_forward(make_layer_table(students, teachers, masks), power, eps, 0);
 }
 
-// grad_losses (checked against the layer count) as host fp64 values.
-std::vector<double> host_grads(const LayerTable& table, const at::Tensor& grad_losses) {
-  check_grad_losses(table, grad_losses);
+// grad_losses (already checked against the layer count) as host fp64 values.
+std::vector<double> host_grads(const at::Tensor& grad_losses) {
   const at::Tensor g = grad_losses.to(at::kDouble).contiguous();
   return {g.data_ptr<double>(), g.data_ptr<double>() + g.numel()};
 }
@@ -480,7 +479,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_and_grad_cpu
   TORCH_CHECK(group_bytes > 0, "eofd_ext::forward_and_grad: group_bytes must be positive, got ",
               group_bytes);
   LayerTable table = make_layer_table(students, teachers, masks);
-  const std::vector<double> grads = host_grads(table, grad_losses);
+  check_grad_losses(table, grad_losses);
+  const std::vector<double> grads = host_grads(grad_losses);
   auto d_students = std::get<0>(allocate_grads(table, students, teachers, false,
                                                pooled_empty_like));
   auto [losses, dim_stats] = run_forward(table, power, eps, group_bytes, grads);
@@ -493,7 +493,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
     bool need_teacher_grad) {
   LayerTable table = make_layer_table(students, teachers, masks);
   check_backward_inputs(table, grad_losses, dim_stats);
-  const std::vector<double> grads = host_grads(table, grad_losses);
+  const std::vector<double> grads = host_grads(grad_losses);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
                                   pooled_empty_like);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
