@@ -149,6 +149,39 @@ def test_ext_forward_and_grad_is_forward_then_backward(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("group_bytes", [1, 150_000, 2**40], ids=["layer", "pairs", "all"])
+def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads):
+    """Layers of several 256-row chunks (one with a chunk of masked rows only): whatever the
+    grouping (one layer, ~two, all) and thread count, the forward's gradient chunks, which
+    run beside the next group's statistics and wait for their layer's finalize, give the
+    bits of the forward then the backward op."""
+    import eofd_kernels.ext_op  # noqa: F401
+
+    g = torch.Generator().manual_seed(1)
+    shapes = ((600, 24), (2, 300, 40), (900, 16), (257, 24))
+    students = [torch.randn(*sh, generator=g) for sh in shapes]
+    teachers = [torch.randn(*sh, generator=g) * 3 for sh in shapes]
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[0, :290] = False  # rows 0-255, the layer's first chunk, are all masked
+    masks = [None, mask.reshape(-1), None, None]
+    grad = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=torch.float64)
+    ops = torch.ops.eofd_ext
+    saved_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        losses, dim_stats, d_students = ops.forward_and_grad(students, teachers, masks, 0.5,
+                                                             0.0, grad, group_bytes)
+    finally:
+        torch.set_num_threads(saved_threads)
+    want_losses, want_stats = ops.forward(students, teachers, masks, 0.5, 0.0)
+    want_grads, _ = ops.backward(grad, students, teachers, masks, want_stats, False)
+    assert torch.equal(losses, want_losses) and torch.equal(dim_stats, want_stats)
+    for got, want in zip(d_students, want_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_ext
 def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
     """Eager CPU calls compute dS in the forward for the grads the last backward brought (1 at
     first) and hand it out when the same grads come; other grads, and a second backward

@@ -17,6 +17,10 @@
 #include "output_pool.h"
 #include "stream_store.h"
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace eofd {
 namespace {
 
@@ -56,6 +60,13 @@ void parallel_over_chunks(int64_t num_chunks, const Fn& fn, const Done& done) {
     for (int64_t i = next++; i < num_chunks; i = next++) fn(i);
     done();
   });
+}
+
+// Busy-wait hint while a thread waits for another's finalize (a few microseconds at most).
+inline void spin_pause() {
+#if defined(__SSE2__)
+  _mm_pause();
+#endif
 }
 
 // Rows per tile: the tile's exact two-pass statistics are computed in registers (each vector of
@@ -361,14 +372,67 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       stream_fence);
 }
 
+// Start chunk of each layer in make_chunks' list, and the total at the end (L + 1 values).
+std::vector<int64_t> first_chunks(const std::vector<Chunk>& chunks, int64_t num_layers) {
+  std::vector<int64_t> first(num_layers + 1, 0);
+  for (const Chunk& c : chunks) first[c.layer + 1]++;
+  for (int64_t l = 0; l < num_layers; ++l) first[l + 1] += first[l];
+  return first;
+}
+
+// One past the last layer of each group of consecutive layers whose S and T fit group_bytes
+// (a larger layer is a group of its own).
+template <typename elem_t>
+std::vector<int64_t> group_ends(const LayerTable& table, int64_t group_bytes) {
+  const int64_t num_layers = table.layers.size();
+  auto layer_bytes = [&](int64_t l) {
+    return 2 * table.layers[l].n * table.layers[l].d * static_cast<int64_t>(sizeof(elem_t));
+  };
+  std::vector<int64_t> ends;
+  for (int64_t end = 0; end < num_layers;) {
+    int64_t bytes = layer_bytes(end++);
+    while (end < num_layers && bytes + layer_bytes(end) <= group_bytes) bytes += layer_bytes(end++);
+    ends.push_back(end);
+  }
+  return ends;
+}
+
+// The forward's work items in claim order: a chunk index for a statistics chunk, ~index for a
+// gradient chunk. Group g's statistics chunks alternate with group g - 1's gradient chunks, so
+// S and T of group g stream in from memory beside group g - 1's reread from L3 and its dS
+// streamed out (reads and writes together use more of the memory bus than either alone).
+// Without gradients: the statistics chunks in order.
+std::vector<int64_t> claim_order(const std::vector<int64_t>& first_chunk,
+                                 const std::vector<int64_t>& group_end, bool with_grads) {
+  std::vector<int64_t> order;
+  int64_t prev_begin = 0, prev_end = 0;  // the group whose gradient chunks are due
+  for (size_t g = 0; g <= group_end.size(); ++g) {
+    const int64_t begin = prev_end;
+    const int64_t end = g < group_end.size() ? group_end[g] : begin;
+    const int64_t s0 = first_chunk[begin], ns = first_chunk[end] - s0;
+    const int64_t g0 = first_chunk[prev_begin];
+    const int64_t ng = with_grads ? first_chunk[prev_end] - g0 : 0;
+    for (int64_t k = 0; k < std::max(ns, ng); ++k) {
+      if (k < ng) order.push_back(~(g0 + k));
+      if (k < ns) order.push_back(s0 + k);
+    }
+    prev_begin = begin;
+    prev_end = end;
+  }
+  return order;
+}
+
 // The forward. With group_bytes > 0 it also writes dS for the incoming grads `grads` (one per
-// layer; the backward's formula and bits) into the table's grad_student buffers, a group of
-// consecutive layers at a time (S and T of at most group_bytes, or one layer): the group's
-// statistics, its finalize, then its gradient pass, which rereads S and T from L3 right after
-// the statistics read them from memory. A training step then reads S and T from memory once,
-// not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step: 6.3 -> 5.3 ms).
-// Groups, not single layers: a BERT-base layer at B = 2 is one 256-row chunk, one thread's
-// work. The caller picks group_bytes from the cache size (ext_op.py).
+// layer; the backward's formula and bits) into the table's grad_student buffers: a layer's
+// gradient chunks reread S and T from L3 shortly after its statistics chunks read them from
+// memory (groups of at most group_bytes, claim_order). A training step then reads S and T from
+// memory once, not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step:
+// 6.3 -> 5.3 ms). The caller picks group_bytes from the cache size (ext_op.py).
+// One parallel region, no barriers: the thread that finishes a layer's last statistics chunk
+// finalizes the layer, and a gradient chunk waits for its layer's finalize. Every statistics
+// chunk of a layer is claimed before any of its gradient chunks, so a wait is on running
+// work, never on unclaimed work (one thread alone runs the items in order). Barriers per group
+// cost ~10% at BERT-base B=2 (few chunks per group: one thread idled at each).
 template <typename scalar_t>
 void forward_impl(const LayerTable& table, double power, double eps, int64_t group_bytes,
                   const std::vector<double>& grads, at::Tensor& losses, at::Tensor& dim_stats) {
@@ -383,55 +447,43 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
   acc_t* const workspace = static_cast<acc_t*>(workspace_buffer.data_ptr());
   const int64_t num_layers = table.layers.size();
   const int64_t max_d = table.max_d;
-  std::vector<int64_t> first_chunk(num_layers + 1, 0);
-  for (const Chunk& c : chunks) first_chunk[c.layer + 1]++;
-  for (int64_t l = 0; l < num_layers; ++l) first_chunk[l + 1] += first_chunk[l];
+  const bool with_grads = group_bytes > 0;
+  const std::vector<int64_t> first_chunk = first_chunks(chunks, num_layers);
+  const std::vector<int64_t> order = claim_order(
+      first_chunk, with_grads ? group_ends<elem_t>(table, group_bytes)
+                              : std::vector<int64_t>{num_layers}, with_grads);
   double* stats = dim_stats.data_ptr<double>();
   std::vector<double> layer_loss(num_layers);
-  std::vector<acc_t> coefs(group_bytes > 0 ? num_layers * 4 * max_d : 0);
-  // Layers [begin, end): statistics, finalize, and with group_bytes > 0 the gradient pass.
-  auto run_layers = [&](int64_t begin, int64_t end) {
-    parallel_over_chunks(
-        first_chunk[end] - first_chunk[begin],
-        [&](int64_t i) {
-          const Chunk& c = chunks[first_chunk[begin] + i];
-          chunk_stats<elem_t, acc_t>(table.layers[c.layer], c.row_begin, c.row_end,
-                                     workspace + c.offset);
-        },
-        [] {});
-    at::parallel_for(begin, end, 1, [&](int64_t layer_begin, int64_t layer_end) {
-      for (int64_t l = layer_begin; l < layer_end; ++l) {
-        double* layer_stats = stats + l * kDimFields * max_d;
-        layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
-                                       first_chunk[l + 1] - first_chunk[l], power, eps,
-                                       layer_stats, max_d);
-        if (group_bytes > 0) fill_coefs(layer_stats, grads[l], max_d, coefs.data() + l * 4 * max_d);
-      }
-    });
-    if (group_bytes == 0) return;
-    parallel_over_chunks(
-        first_chunk[end] - first_chunk[begin],
-        [&](int64_t i) {
-          const Chunk& c = chunks[first_chunk[begin] + i];
-          backward_chunk<elem_t>(table.layers[c.layer], c, coefs.data() + c.layer * 4 * max_d,
-                                 max_d, false);
-        },
-        stream_fence);
-  };
-  if (group_bytes == 0) {
-    run_layers(0, num_layers);
-  } else {
-    for (int64_t begin = 0, end = 0; begin < num_layers; begin = end) {
-      int64_t bytes = 0;
-      do {
-        const LayerParams& p = table.layers[end++];
-        bytes += 2 * p.n * p.d * static_cast<int64_t>(sizeof(elem_t));
-      } while (end < num_layers &&
-               bytes + 2 * table.layers[end].n * table.layers[end].d *
-                   static_cast<int64_t>(sizeof(elem_t)) <= group_bytes);
-      run_layers(begin, end);
-    }
+  std::vector<acc_t> coefs(with_grads ? num_layers * 4 * max_d : 0);
+  std::vector<std::atomic<int64_t>> stats_left(num_layers);  // statistics chunks not done
+  std::vector<std::atomic<bool>> finalized(num_layers);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    stats_left[l].store(first_chunk[l + 1] - first_chunk[l], std::memory_order_relaxed);
+    finalized[l].store(false, std::memory_order_relaxed);
   }
+  auto finalize = [&](int64_t l) {
+    double* layer_stats = stats + l * kDimFields * max_d;
+    layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
+                                   first_chunk[l + 1] - first_chunk[l], power, eps, layer_stats,
+                                   max_d);
+    if (with_grads) fill_coefs(layer_stats, grads[l], max_d, coefs.data() + l * 4 * max_d);
+    finalized[l].store(true, std::memory_order_release);
+  };
+  parallel_over_chunks(
+      static_cast<int64_t>(order.size()),
+      [&](int64_t i) {
+        const bool is_grad = order[i] < 0;
+        const Chunk& c = chunks[is_grad ? ~order[i] : order[i]];
+        const LayerParams& p = table.layers[c.layer];
+        if (is_grad) {
+          while (!finalized[c.layer].load(std::memory_order_acquire)) spin_pause();
+          backward_chunk<elem_t>(p, c, coefs.data() + c.layer * 4 * max_d, max_d, false);
+          return;
+        }
+        chunk_stats<elem_t, acc_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+        if (stats_left[c.layer].fetch_sub(1, std::memory_order_acq_rel) == 1) finalize(c.layer);
+      },
+      stream_fence);
   losses.copy_(at::tensor(layer_loss, at::kDouble));
 }
 
