@@ -6,9 +6,9 @@ training forward that also writes dS (``forward_and_grad``), a plain read of S a
 directly (no Python API, no autograd), so this isolates kernel time from dispatch; the whole
 training step (``eofd_loss`` forward and backward, as the benchmark sweep times it) is timed
 beside them. Both that step and ``forward_and_grad`` are put against the floor of DESIGN §3's
-separate passes (a read of S and T plus a copy of S): on CPU they move less, and come in under
-it. torch's ``sum`` and ``copy_`` are not the machine's peak: a hand-written AVX-512 read runs
-~15-20% faster on the 2-core CI machine.
+separate passes (a read of S and T plus a copy of S): on CPU they move less (3 passes), so
+they can come in under it. torch's ``sum`` and ``copy_`` are not the machine's peak:
+``memory_floor.c`` times the same traffic in plain C.
 
     python benchmarks/kernel_floor.py [--model bert-base] [--batch 8] [--dtype fp32]
 """
