@@ -93,7 +93,8 @@ constexpr int64_t kLineElems = 64 / sizeof(elem_t);
 
 // One tile of R rows, merged into the chunk's statistics (DESIGN §3, pivoted means):
 // tile pivot k = T's first row, m = mean(T - k), M2 = sum((T - k) - m)^2, then Chan's merge
-// (First: the chunk's first tile, taken whole), and sq_err += sum (S - T)^2.
+// (First: the chunk's first tile, taken whole), and with SqErr sq_err += sum (S - T)^2
+// (without it S is not read: the forward's gradient pass sums it, student_grad_chunk).
 // frac = R / (count + R), cross = count * frac, count being the chunk's rows so far: the merge
 // is chan_merge_nonempty with its count-only factors hoisted out of the loop (calling it per
 // dim here made the forward 2x slower, 12 x 1024 x 768 fp32, kernel_floor.py).
@@ -101,7 +102,7 @@ constexpr int64_t kLineElems = 64 / sizeof(elem_t);
 // (next_s, next_t) into L2: the hardware prefetchers do not keep 2R interleaved streams ahead.
 // 12 x 1024 x 768 on the 2-core CI machine (benchmarks/kernel_floor.py): the fp32 forward went
 // from 1.3-1.6x to ~1.2x the time of a plain read of S and T, the bf16 one from 3.7 to 1.9 ms.
-template <int R, bool First, typename elem_t, typename acc_t>
+template <int R, bool First, bool SqErr, typename elem_t, typename acc_t>
 __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
                                         Rows<R, elem_t> next_s, Rows<R, elem_t> next_t,
                                         int64_t d, acc_t frac, acc_t cross,
@@ -112,7 +113,7 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
   for (int64_t j0 = 0; j0 < d; j0 += kLine) {
 #pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
-      __builtin_prefetch(next_s.row[q] + j0, 0, 2);  // read, into L2 (prefetcht1 on x86)
+      if constexpr (SqErr) __builtin_prefetch(next_s.row[q] + j0, 0, 2);  // into L2 (prefetcht1)
       __builtin_prefetch(next_t.row[q] + j0, 0, 2);
     }
     const int64_t j_end = std::min(j0 + kLine, d);
@@ -123,9 +124,11 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
 #pragma GCC unroll 8
       for (int q = 0; q < R; ++q) {
         const acc_t tq = widen(t.row[q][j]);
-        const acc_t e = widen(s.row[q][j]) - tq;
         shifted += tq - k;
-        sq += e * e;
+        if constexpr (SqErr) {
+          const acc_t e = widen(s.row[q][j]) - tq;
+          sq += e * e;
+        }
       }
       const acc_t m = shifted * inv_rows;
       acc_t dev2 = 0;
@@ -138,12 +141,12 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
         pivot[j] = k;
         mean[j] = m;
         m2[j] = dev2;
-        sq_err[j] = sq;
+        if constexpr (SqErr) sq_err[j] = sq;
       } else {
         const acc_t delta = (k - pivot[j]) + (m - mean[j]);
         mean[j] += delta * frac;
         m2[j] += dev2 + delta * delta * cross;
-        sq_err[j] += sq;
+        if constexpr (SqErr) sq_err[j] += sq;
       }
     }
   }
@@ -152,7 +155,7 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
 // Merges the tile of R rows at s_rows / t_rows into the chunk's statistics `out` (laid out as
 // in chunk_stats); `count` is the chunk's rows so far. `next` is where the next tile starts in
 // the row arrays (the tile itself when there is none).
-template <int R, typename elem_t, typename acc_t>
+template <int R, bool SqErr, typename elem_t, typename acc_t>
 void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int next, int64_t d,
                 acc_t count, acc_t* out) {
   const auto s = rows_at<R>(s_rows);
@@ -164,18 +167,18 @@ void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int ne
   acc_t* m2 = out + 2 * d;
   acc_t* sq_err = out + 3 * d;
   if (count == 0) {
-    add_tile<R, true>(s, t, next_s, next_t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
+    add_tile<R, true, SqErr>(s, t, next_s, next_t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
   } else {
     const acc_t frac = acc_t(R) / (count + acc_t(R));
-    add_tile<R, false>(s, t, next_s, next_t, d, frac, count * frac, pivot, mean, m2, sq_err);
+    add_tile<R, false, SqErr>(s, t, next_s, next_t, d, frac, count * frac, pivot, mean, m2, sq_err);
   }
 }
 
 // Statistics of rows [row_begin, row_end) (at most kChunkRows) of one layer into `out`:
-// [pivot | mean offset | M2 | sum (S - T)^2] (d each), then the valid-token count.
-// Valid rows are merged kTileRows at a time; the last few one by one (a one-row tile is
-// Welford's update).
-template <typename elem_t, typename acc_t>
+// [pivot | mean offset | M2 | sum (S - T)^2] (d each; the sum only with SqErr), then the
+// valid-token count. Valid rows are merged kTileRows at a time; the last few one by one (a
+// one-row tile is Welford's update).
+template <bool SqErr, typename elem_t, typename acc_t>
 void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t* out) {
   const auto* S = static_cast<const elem_t*>(p.student);
   const auto* T = static_cast<const elem_t*>(p.teacher);
@@ -187,32 +190,32 @@ void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t
     s_rows[n_valid] = S + r * p.student_row;
     t_rows[n_valid++] = T + r * p.teacher_row;
   }
-  if (n_valid == 0) std::fill(out, out + 4 * p.d, acc_t(0));  // else the first tile writes all
+  if (n_valid == 0) std::fill(out, out + 4 * p.d, acc_t(0));  // else the first tile writes
   int k = 0;
   for (; k + kTileRows <= n_valid; k += kTileRows) {
     const int next = k + 2 * kTileRows <= n_valid ? kTileRows : 0;
-    merge_tile<kTileRows>(s_rows + k, t_rows + k, next, p.d, static_cast<acc_t>(k), out);
+    merge_tile<kTileRows, SqErr>(s_rows + k, t_rows + k, next, p.d, static_cast<acc_t>(k), out);
   }
   for (; k < n_valid; ++k) {
-    merge_tile<1>(s_rows + k, t_rows + k, k + 1 < n_valid ? 1 : 0, p.d, static_cast<acc_t>(k),
-                  out);
+    merge_tile<1, SqErr>(s_rows + k, t_rows + k, k + 1 < n_valid ? 1 : 0, p.d,
+                         static_cast<acc_t>(k), out);
   }
   out[4 * p.d] = static_cast<acc_t>(n_valid);
 }
 
-// Merges a layer's chunk partials in chunk order (fp64) and finalizes its loss and the
-// per-dim coefficients of the backward pass into `stats` (kDimFields rows of max_d).
+// Merges a layer's chunk partials in chunk order (fp64) into its moments and finalizes the
+// weights and the dS coefficients into `stats` (kDimFields rows of max_d; every field is zero
+// past the layer's d, as the buffer is not zeroed). Returns the weights' scale, sbar + eps.
 // A chunk's token count is the same for all its dims, so the merge goes chunk by chunk over
 // vectors of dims (per dim, it was 5% of the forward's samples at BERT-base B=8).
 template <typename acc_t>
-double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_chunks,
-                      double power, double eps, double* stats, int64_t max_d) {
+double finalize_moments(const LayerParams& p, const acc_t* partials, int64_t num_chunks,
+                        double power, double eps, double* stats, int64_t max_d) {
   const int64_t d = p.d;
   auto field = [&](DimField f) { return stats + f * max_d; };
   double* __restrict__ pivot = field(kPivot);
   double* __restrict__ mean = field(kMean);
   double* __restrict__ m2 = field(kSigma);  // M2 until it becomes sigma below
-  double* __restrict__ sq_err = field(kSqErr);
   double count = 0;
   const acc_t* part = partials;
   for (int64_t c = 0; c < num_chunks; ++c, part += 4 * d + 1) {
@@ -223,7 +226,6 @@ double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_c
         pivot[j] = part[j];
         mean[j] = part[d + j];
         m2[j] = part[2 * d + j];
-        sq_err[j] = part[3 * d + j];
       }
     } else {
 #pragma omp simd
@@ -233,13 +235,12 @@ double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_c
                                                  part[2 * d + j]});
         mean[j] = acc.mean;
         m2[j] = acc.m2;
-        sq_err[j] += part[3 * d + j];
       }
     }
     count += chunk_count;
   }
   if (count == 0) {  // every token masked: zeros, and NaN weights below (n' < 2, DESIGN §1)
-    for (double* row : {pivot, mean, m2, sq_err}) std::fill(row, row + d, 0.0);
+    for (double* row : {pivot, mean, m2}) std::fill(row, row + d, 0.0);
   }
   double sigma_sum = 0;
   for (int64_t j = 0; j < d; ++j) {
@@ -247,23 +248,42 @@ double finalize_layer(const LayerParams& p, const acc_t* partials, int64_t num_c
     m2[j] = std::sqrt(m2[j] / (count - 1.0));
     sigma_sum += m2[j];
   }
-  const double n_valid = field(kCount)[0];
   const double scale = sigma_sum / d + eps;
-  const double inv_nd = 1.0 / (n_valid * d);
-  double weighted = 0;
+  const double inv_nd = 1.0 / (count * d);
   for (int64_t j = 0; j < d; ++j) {
     const double w = eofd_weight(field(kSigma)[j], scale, power);
     field(kWeight)[j] = w;
     field(kCoefS)[j] = 2.0 * w * inv_nd;
-    weighted += w * field(kSqErr)[j];
   }
+  for (int f = 0; f < kDimFields; ++f) {
+    std::fill(field(static_cast<DimField>(f)) + d, field(static_cast<DimField>(f)) + max_d, 0.0);
+  }
+  return scale;
+}
+
+// The rest of a layer's finalize, once its chunks' sums of (S - T)^2 are in: merges them in
+// chunk order into `stats`, and finalizes the dT coefficients and the loss (returned).
+template <typename acc_t>
+double finalize_loss(const LayerParams& p, const acc_t* partials, int64_t num_chunks,
+                     double power, double scale, double* stats, int64_t max_d) {
+  const int64_t d = p.d;
+  auto field = [&](DimField f) { return stats + f * max_d; };
+  double* __restrict__ sq_err = field(kSqErr);
+  std::fill(sq_err, sq_err + d, 0.0);
+  const acc_t* part = partials;
+  for (int64_t c = 0; c < num_chunks; ++c, part += 4 * d + 1) {
+    if (part[4 * d] == 0) continue;  // masked rows only: nothing to add
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) sq_err[j] += part[3 * d + j];
+  }
+  const double n_valid = field(kCount)[0];
+  const double inv_nd = 1.0 / (n_valid * d);
+  double weighted = 0;
+  for (int64_t j = 0; j < d; ++j) weighted += field(kWeight)[j] * sq_err[j];
   const double mean_term = weighted / (d * scale);
   for (int64_t j = 0; j < d; ++j) {
-    field(kCoefT)[j] = eofd_coef_teacher(field(kWeight)[j], field(kSqErr)[j], field(kSigma)[j],
+    field(kCoefT)[j] = eofd_coef_teacher(field(kWeight)[j], sq_err[j], field(kSigma)[j],
                                          n_valid, static_cast<double>(d), power, mean_term);
-  }
-  for (int f = 0; f < kDimFields; ++f) {  // dims past this layer's d (the buffer is not zeroed)
-    std::fill(field(static_cast<DimField>(f)) + d, field(static_cast<DimField>(f)) + max_d, 0.0);
   }
   return weighted * inv_nd;
 }
@@ -283,10 +303,11 @@ struct BackwardCoefs {
 // (12 x 1024 x 768 fp32 on the 2-core CI machine: 2.9 vs 2.2 ms, 60 interleaved reps).
 constexpr int64_t kPieceElems = 64;
 
-// dS (and dT when `dt` is not null) of one valid row.
-template <typename elem_t, typename acc_t>
+// dS (and dT when `dt` is not null) of one valid row. With AddSquares (dS only), also
+// sq[j] += (S - T)^2.
+template <bool AddSquares, typename elem_t, typename acc_t>
 void backward_row(const BackwardCoefs<acc_t>& c, const elem_t* s, const elem_t* t, elem_t* ds,
-                  elem_t* dt, int64_t d) {
+                  elem_t* dt, int64_t d, acc_t* __restrict__ sq = nullptr) {
   alignas(64) elem_t ds_piece[kPieceElems];
   alignas(64) elem_t dt_piece[kPieceElems];
   for (int64_t j0 = 0; j0 < d; j0 += kPieceElems) {
@@ -297,7 +318,9 @@ void backward_row(const BackwardCoefs<acc_t>& c, const elem_t* s, const elem_t* 
     if (dt == nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        ds_piece[j] = narrow<elem_t>(coef_s[j] * (widen(sj[j]) - widen(tj[j])));
+        const acc_t e = widen(sj[j]) - widen(tj[j]);
+        ds_piece[j] = narrow<elem_t>(coef_s[j] * e);
+        if constexpr (AddSquares) sq[j0 + j] += e * e;
       }
     } else {
       const acc_t* __restrict__ coef_t = c.coef_t + j0;
@@ -316,13 +339,18 @@ void backward_row(const BackwardCoefs<acc_t>& c, const elem_t* s, const elem_t* 
   }
 }
 
-// The backward's per-dim vectors of one layer (its dim_stats rows `stats`) for incoming grad g.
-// g * coef is formed in fp64 and rounded once: the forward's gradient pass and the backward
-// give the same bits for the same g.
+// g * coef_s of one layer (its dim_stats rows `stats`) for incoming grad g, formed in fp64 and
+// rounded once: the forward's gradient pass and the backward give the same bits for the same g.
+template <typename acc_t>
+void fill_student_coefs(const double* stats, double g, int64_t max_d, acc_t* coef_s) {
+  for (int64_t j = 0; j < max_d; ++j) coef_s[j] = static_cast<acc_t>(g * stats[kCoefS * max_d + j]);
+}
+
+// The backward's per-dim vectors of one layer for incoming grad g (BackwardCoefs' order).
 template <typename acc_t>
 void fill_coefs(const double* stats, double g, int64_t max_d, acc_t* coefs) {
+  fill_student_coefs(stats, g, max_d, coefs);
   for (int64_t j = 0; j < max_d; ++j) {
-    coefs[j] = static_cast<acc_t>(g * stats[kCoefS * max_d + j]);
     coefs[max_d + j] = static_cast<acc_t>(g * stats[kCoefT * max_d + j]);
     coefs[2 * max_d + j] = static_cast<acc_t>(stats[kPivot * max_d + j]);
     coefs[3 * max_d + j] = static_cast<acc_t>(stats[kMean * max_d + j]);
@@ -343,8 +371,46 @@ void backward_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coefs, i
       if (dt != nullptr) std::fill(dt, dt + d, narrow<elem_t>(acc_t(0)));
       continue;
     }
-    backward_row(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
-                 static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds, dt, d);
+    backward_row<false>(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
+                        static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds, dt, d);
+  }
+}
+
+// The forward's gradient pass over chunk `ch`: dS from g * coef_s, and the sum of (S - T)^2
+// that its statistics chunk left out, into the chunk's partial (where that chunk wrote the
+// valid-row count). The sum goes in chunk_stats' tiles (kTileRows valid rows, then single rows;
+// a tile's squares summed in row order, then added to the chunk's), so it has the bits of the
+// forward without gradients.
+template <typename elem_t, typename acc_t>
+void student_grad_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coef_s,
+                        acc_t* partial) {
+  const BackwardCoefs<acc_t> c{coef_s, nullptr, nullptr, nullptr};
+  const int64_t d = p.d;
+  const auto n_valid = static_cast<int64_t>(partial[4 * d]);
+  acc_t* const sq_err = partial + 3 * d;
+  std::vector<acc_t> tile_sq(d);
+  int64_t k = 0, tile_end = 0;  // valid rows so far, and where the current tile ends
+  bool first_tile = true;
+  for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
+    auto* ds = static_cast<elem_t*>(p.grad_student) + r * d;
+    if (p.mask != nullptr && !p.mask[r]) {
+      std::fill(ds, ds + d, narrow<elem_t>(acc_t(0)));
+      continue;
+    }
+    if (k == tile_end) {
+      first_tile = k == 0;
+      tile_end = k + (k + kTileRows <= n_valid ? kTileRows : 1);
+      std::fill(tile_sq.begin(), tile_sq.end(), acc_t(0));
+    }
+    backward_row<true, elem_t>(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
+                               static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds,
+                               nullptr, d, tile_sq.data());
+    if (++k < tile_end) continue;
+    if (first_tile) {
+      std::copy(tile_sq.begin(), tile_sq.end(), sq_err);
+    } else {
+      for (int64_t j = 0; j < d; ++j) sq_err[j] += tile_sq[j];
+    }
   }
 }
 
@@ -404,8 +470,8 @@ std::vector<int64_t> group_ends(const LayerTable& table, int64_t group_bytes) {
 // gradient chunk that must wait for that group's finalize. Interleaved in one process at
 // BERT-base, the gradient chunk first made the step 4-8% slower at B=8 fp32, a lead of 1
 // instead of 2 up to ~5-9% slower at B=2 fp32 and B=8 bf16. At most two groups are in
-// flight, so the gradient chunks find S and T still in L3. Without gradients: the
-// statistics chunks.
+// flight, so the gradient chunks find T still in L3. Without gradients: the statistics
+// chunks.
 std::vector<int64_t> claim_order(const std::vector<int64_t>& first_chunk,
                                  const std::vector<int64_t>& group_end, bool with_grads,
                                  int64_t lead) {
@@ -429,15 +495,18 @@ std::vector<int64_t> claim_order(const std::vector<int64_t>& first_chunk,
 }
 
 // The forward. With group_bytes > 0 it also writes dS for the incoming grads `grads` (one per
-// layer; the backward's formula and bits) into the table's grad_student buffers: a layer's
-// gradient chunks reread S and T from L3 shortly after its statistics chunks read them from
-// memory (groups of at most group_bytes, claim_order). A training step then reads S and T from
-// memory once, not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step:
-// 6.3 -> 5.3 ms). The caller picks group_bytes from the cache size (ext_op.py).
+// layer; the backward's formula and bits) into the table's grad_student buffers. Then a
+// layer's statistics chunks read only T, and its gradient chunks read S from memory and reread
+// T from L3 shortly after (groups of at most group_bytes, claim_order), writing dS and summing
+// (S - T)^2 for the loss, which the last of them finalizes. A training step then reads S and T
+// from memory once, not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step:
+// 6.3 -> 5.3 ms), and rereads only T from L3: against rereading S and T, interleaved in one
+// process, the op went from 4.76 to 4.28 ms (B=8 fp32), 1.59 to 1.20 ms (B=2 fp32), a tie at
+// B=8 bf16. The caller picks group_bytes from the cache size (ext_op.py).
 // One parallel region, no barriers: the thread that finishes a layer's last statistics chunk
-// finalizes the layer, and a gradient chunk waits for its layer's finalize. Every statistics
-// chunk of a layer is claimed before any of its gradient chunks, so a wait is on running
-// work, never on unclaimed work (one thread alone runs the items in order). Against a
+// finalizes the layer's moments and weights, and a gradient chunk waits for that. Every
+// statistics chunk of a layer is claimed before any of its gradient chunks, so a wait is on
+// running work, never on unclaimed work (one thread alone runs the items in order). Against a
 // barrier after each group's statistics and gradient pass, this made the training step ~10%
 // faster at BERT-base B=2 fp32 and B=8 bf16 (few chunks per pass: one thread idled at each
 // barrier); B=8 fp32, bound by memory, did not change.
@@ -448,8 +517,8 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
   using elem_t = element_t<scalar_t>;
   int64_t workspace_size = 0;
   const std::vector<Chunk> chunks = make_chunks(table, &workspace_size);
-  // Every chunk writes all of its partial: no zeroing, and pooled pages that are already
-  // faulted in (a fresh zeroed vector was ~3% of the forward's samples at BERT-base B=8).
+  // Every partial is written in full before it is read: no zeroing, and pooled pages that are
+  // already faulted in (a fresh zeroed vector was ~3% of the forward's samples at BERT-base B=8).
   const at::Tensor workspace_buffer = OutputPool::instance()->empty(
       {workspace_size}, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* const workspace = static_cast<acc_t*>(workspace_buffer.data_ptr());
@@ -463,19 +532,28 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
       with_grads, at::get_num_threads());
   double* stats = dim_stats.data_ptr<double>();
   std::vector<double> layer_loss(num_layers);
-  std::vector<acc_t> coefs(with_grads ? num_layers * 4 * max_d : 0);
-  std::vector<std::atomic<int64_t>> stats_left(num_layers);  // statistics chunks not done
+  std::vector<acc_t> coef_s(with_grads ? num_layers * max_d : 0);
+  std::vector<double> scale(num_layers);
+  auto partials = [&](int64_t l) { return workspace + chunks[first_chunk[l]].offset; };
+  auto num_chunks = [&](int64_t l) { return first_chunk[l + 1] - first_chunk[l]; };
+  auto layer_stats = [&](int64_t l) { return stats + l * kDimFields * max_d; };
+  // Chunks not done per layer: statistics chunks, then gradient chunks.
+  std::vector<std::atomic<int64_t>> stats_left(num_layers), grads_left(num_layers);
   std::vector<std::atomic<bool>> finalized(num_layers);
   for (int64_t l = 0; l < num_layers; ++l) {
-    stats_left[l].store(first_chunk[l + 1] - first_chunk[l], std::memory_order_relaxed);
+    stats_left[l].store(num_chunks(l), std::memory_order_relaxed);
+    grads_left[l].store(num_chunks(l), std::memory_order_relaxed);
     finalized[l].store(false, std::memory_order_relaxed);
   }
-  auto finalize = [&](int64_t l) {
-    double* layer_stats = stats + l * kDimFields * max_d;
-    layer_loss[l] = finalize_layer(table.layers[l], workspace + chunks[first_chunk[l]].offset,
-                                   first_chunk[l + 1] - first_chunk[l], power, eps, layer_stats,
-                                   max_d);
-    if (with_grads) fill_coefs(layer_stats, grads[l], max_d, coefs.data() + l * 4 * max_d);
+  auto finalize_loss_of = [&](int64_t l) {
+    layer_loss[l] = finalize_loss(table.layers[l], partials(l), num_chunks(l), power, scale[l],
+                                  layer_stats(l), max_d);
+  };
+  auto finalize = [&](int64_t l) {  // the last statistics chunk of layer l is done
+    scale[l] = finalize_moments(table.layers[l], partials(l), num_chunks(l), power, eps,
+                                layer_stats(l), max_d);
+    if (!with_grads) return finalize_loss_of(l);
+    fill_student_coefs(layer_stats(l), grads[l], max_d, coef_s.data() + l * max_d);
     finalized[l].store(true, std::memory_order_release);
   };
   parallel_over_chunks(
@@ -486,10 +564,18 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
         const LayerParams& p = table.layers[c.layer];
         if (is_grad) {
           while (!finalized[c.layer].load(std::memory_order_acquire)) spin_pause();
-          backward_chunk<elem_t>(p, c, coefs.data() + c.layer * 4 * max_d, max_d, false);
+          student_grad_chunk<elem_t>(p, c, coef_s.data() + c.layer * max_d,
+                                     workspace + c.offset);
+          if (grads_left[c.layer].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            finalize_loss_of(c.layer);
+          }
           return;
         }
-        chunk_stats<elem_t, acc_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+        if (with_grads) {
+          chunk_stats<false, elem_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+        } else {
+          chunk_stats<true, elem_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+        }
         if (stats_left[c.layer].fetch_sub(1, std::memory_order_acq_rel) == 1) finalize(c.layer);
       },
       stream_fence);
