@@ -226,15 +226,25 @@ def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
 
 
 @needs_ext
-def test_ext_grad_forward_only_where_layers_fit_a_group(monkeypatch):
-    """dS goes into the forward only for CPU layers whose S and T fit a group (else its pass
-    would reread them from memory), and never where the cache size is unknown (0)."""
+def test_ext_cpu_training_calls_take_ds_from_the_forward(monkeypatch):
+    """Eager CPU calls with a frozen teacher compute dS in the forward (any layer size: the
+    schedule test covers layers larger than a group); with a teacher that needs a gradient,
+    or without grad mode, the plain forward runs."""
     from eofd_kernels import ext_op
 
-    layers = [torch.ones(4, 3), torch.ones(4, 3)]  # S and T: 96 bytes
-    for group_bytes, used in ((96, True), (95, False), (0, False)):
-        monkeypatch.setattr(ext_op, "grad_group_bytes", lambda group_bytes=group_bytes: group_bytes)
-        assert (ext_op._grad_forward_op(layers) is not None) == used
+    calls = []
+    grad_forward_op = ext_op._CPU_GRAD_FORWARD_OP
+    monkeypatch.setattr(ext_op, "_CPU_GRAD_FORWARD_OP",
+                        lambda *args: calls.append(len(args[0])) or grad_forward_op(*args))
+    g = torch.Generator().manual_seed(3)
+    students = [torch.randn(2, 40, 24, generator=g, requires_grad=True) for _ in range(3)]
+    teachers = [torch.randn(2, 40, 24, generator=g) for _ in range(3)]
+    ek.eofd_loss(students, teachers, backend="ext").backward()
+    assert calls == [3]
+    with torch.no_grad():
+        ek.eofd_loss(students, teachers, backend="ext")
+    ek.eofd_loss(students, [t.requires_grad_() for t in teachers], backend="ext").backward()
+    assert calls == [3]
 
 
 @needs_ext
