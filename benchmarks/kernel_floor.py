@@ -7,8 +7,8 @@ directly (no Python API, no autograd), so this isolates kernel time from dispatc
 training step (``eofd_loss`` forward and backward, as the benchmark sweep times it) is timed
 beside them. Both that step and ``forward_and_grad`` are put against the floor of DESIGN §3's
 separate passes (a read of S and T plus a copy of S): on CPU they move less (3 passes from
-memory, T reread from L3), so they can come in under it. torch's ``sum`` and ``copy_`` are not the machine's peak:
-``memory_floor.c`` times the same traffic in plain C.
+memory, T reread from L3), so they can come in under it. torch's ``sum`` and ``copy_`` are not
+the machine's peak: ``memory_floor.c`` times the same traffic in plain C.
 
     python benchmarks/kernel_floor.py [--model bert-base] [--batch 8] [--dtype fp32]
 """
