@@ -149,20 +149,22 @@ def test_ext_forward_and_grad_is_forward_then_backward(dtype):
 
 
 @needs_ext
+# bf16 takes the gradient pass a tile of rows at a time, fp32 row by row.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-# S and T bytes of the fp32 layers below: 115 200, 192 000, 115 200, 49 344.
+# S and T bytes of the fp32 layers below: 115 200, 192 000, 115 200, 49 344 (half in bf16).
 @pytest.mark.parametrize("group_bytes", [1, 320_000, 2**40], ids=["layer", "pairs", "all"])
-def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads):
+def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads, dtype):
     """Layers of several 256-row chunks (one with a chunk of masked rows only): whatever the
-    grouping (one layer, two, all) and thread count, the forward's gradient chunks, which
-    run beside the next group's statistics and wait for their layer's finalize, give the
-    bits of the forward then the backward op."""
+    grouping (one layer, two or more, all) and thread count, the forward's gradient chunks,
+    which run beside the next group's statistics and wait for their layer's finalize, give
+    the bits of the forward then the backward op."""
     import eofd_kernels.ext_op  # noqa: F401
 
     g = torch.Generator().manual_seed(1)
     shapes = ((600, 24), (2, 300, 40), (900, 16), (257, 24))
-    students = [torch.randn(*sh, generator=g) for sh in shapes]
-    teachers = [torch.randn(*sh, generator=g) * 3 for sh in shapes]
+    students = [torch.randn(*sh, generator=g).to(dtype) for sh in shapes]
+    teachers = [(torch.randn(*sh, generator=g) * 3).to(dtype) for sh in shapes]
     mask = torch.ones(2, 300, dtype=torch.bool)
     mask[0, :290] = False  # rows 0-255, the layer's first chunk, are all masked
     masks = [None, mask.reshape(-1), None, None]
