@@ -605,9 +605,10 @@ std::vector<int64_t> claim_order(const std::vector<int64_t>& first_chunk,
 // T from L3 shortly after (groups of at most group_bytes, claim_order), writing dS and summing
 // (S - T)^2 for the loss, which the last of them finalizes. A training step then reads S and T
 // from memory once, not twice as DESIGN §3's separate backward does (BERT-base B=8 fp32 step:
-// 6.3 -> 5.3 ms), and rereads only T from L3: against rereading S and T, interleaved in one
-// process, the op went from 4.76 to 4.28 ms (B=8 fp32), 1.59 to 1.20 ms (B=2 fp32), a tie at
-// B=8 bf16. The caller picks group_bytes from the cache size (ext_op.py).
+// 6.3 -> 5.3 ms), and rereads only T from L3. Against rereading S and T (interleaved in one
+// process, each op right after the eager reference, median ms) the op went from 5.28, 5.01,
+// 5.32 to 5.13, 4.92, 4.72 at B=8 fp32 and from 3.14, 3.44, 3.45 to 2.79, 3.30, 3.26 at B=8
+// bf16; a tie at B=2. The caller picks group_bytes from the cache size (ext_op.py).
 // One parallel region, no barriers: the thread that finishes a layer's last statistics chunk
 // finalizes the layer's moments and weights, and a gradient chunk waits for that. Every
 // statistics chunk of a layer is claimed before any of its gradient chunks, so a wait is on
