@@ -397,37 +397,27 @@ void backward_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coefs, i
   }
 }
 
-// The forward's gradient pass over chunk `ch`, row by row (see student_grad_chunk): dS from
-// g * coef_s, and each tile's squares summed into an L1 buffer, then into sq_err.
+// The forward's gradient pass over a chunk's valid rows, row by row (see student_grad_chunk):
+// dS from g * coef_s, and each tile's squares summed into an L1 buffer, then into sq_err.
 template <typename elem_t, typename acc_t>
-void student_grad_rows(const LayerParams& p, const Chunk& ch, const acc_t* coef_s, int n_valid,
+void student_grad_rows(const LayerParams& p, const ValidRows<elem_t>& rows, const acc_t* coef_s,
                        acc_t* sq_err) {
   const BackwardCoefs<acc_t> c{coef_s, nullptr, nullptr, nullptr};
   const int64_t d = p.d;
+  auto* dS = static_cast<elem_t*>(p.grad_student);
   std::vector<acc_t> tile_sq(d);
-  int k = 0, tile_end = 0;  // valid rows so far, and where the current tile ends
-  bool first_tile = true;
-  for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
-    auto* ds = static_cast<elem_t*>(p.grad_student) + r * d;
-    if (p.mask != nullptr && !p.mask[r]) {
-      std::fill(ds, ds + d, narrow<elem_t>(acc_t(0)));
-      continue;
+  for_each_tile(rows.count, [&](auto tile_rows, int k, int) {
+    std::fill(tile_sq.begin(), tile_sq.end(), acc_t(0));
+    for (int q = k; q < k + decltype(tile_rows)::value; ++q) {
+      backward_row<true, elem_t>(c, rows.s[q], rows.t[q], dS + rows.index[q] * d, nullptr, d,
+                                 tile_sq.data());
     }
-    if (k == tile_end) {
-      first_tile = k == 0;
-      tile_end = k + (k + kTileRows <= n_valid ? kTileRows : 1);
-      std::fill(tile_sq.begin(), tile_sq.end(), acc_t(0));
-    }
-    backward_row<true, elem_t>(c, static_cast<const elem_t*>(p.student) + r * p.student_row,
-                               static_cast<const elem_t*>(p.teacher) + r * p.teacher_row, ds,
-                               nullptr, d, tile_sq.data());
-    if (++k < tile_end) continue;
-    if (first_tile) {
+    if (k == 0) {
       std::copy(tile_sq.begin(), tile_sq.end(), sq_err);
     } else {
       for (int64_t j = 0; j < d; ++j) sq_err[j] += tile_sq[j];
     }
-  }
+  });
 }
 
 // dS of a tile of R valid rows (ds: their dS rows), and its sum of (S - T)^2 merged into the
@@ -469,22 +459,15 @@ __attribute__((noinline)) void student_grad_tile(Rows<R, elem_t> s, Rows<R, elem
   }
 }
 
-// The forward's gradient pass over chunk `ch`, a tile of rows at a time (see
+// The forward's gradient pass over a chunk's valid rows, a tile at a time (see
 // student_grad_chunk).
 template <typename elem_t, typename acc_t>
-void student_grad_tiles(const LayerParams& p, const Chunk& ch, const acc_t* coef_s,
-                        acc_t* sq_err) {
+void student_grad_tiles(const LayerParams& p, const ValidRows<elem_t>& rows,
+                        const acc_t* coef_s, acc_t* sq_err) {
   const int64_t d = p.d;
   auto* dS = static_cast<elem_t*>(p.grad_student);
-  ValidRows<elem_t> rows;
-  gather_valid_rows(p, ch.row_begin, ch.row_end, rows);
   elem_t* ds_rows[kChunkRows];
   for (int k = 0; k < rows.count; ++k) ds_rows[k] = dS + rows.index[k] * d;
-  if (p.mask != nullptr) {
-    for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
-      if (!p.mask[r]) std::fill(dS + r * d, dS + (r + 1) * d, narrow<elem_t>(acc_t(0)));
-    }
-  }
   for_each_tile(rows.count, [&](auto tile_rows, int k, int next) {
     constexpr int R = decltype(tile_rows)::value;
     const auto s = rows_at<R>(rows.s + k);
@@ -499,11 +482,11 @@ void student_grad_tiles(const LayerParams& p, const Chunk& ch, const acc_t* coef
   });
 }
 
-// The forward's gradient pass over chunk `ch`: dS from g * coef_s, and the sum of (S - T)^2
-// that its statistics chunk left out, into the chunk's partial (where that chunk wrote the
-// valid-row count). The sum goes in chunk_stats' tiles (kTileRows valid rows, then single rows;
-// a tile's squares summed in row order, then added to the chunk's), so it has the bits of the
-// forward without gradients. Two loop orders, each the faster for its element size
+// The forward's gradient pass over chunk `ch`: dS from g * coef_s (zeros for masked rows), and
+// the sum of (S - T)^2 that its statistics chunk left out, into the chunk's partial. The sum
+// goes in chunk_stats' tiles (kTileRows valid rows, then single rows; a tile's squares summed
+// in row order, then added to the chunk's), so it has the bits of the forward without
+// gradients. Two loop orders, each the faster for its element size
 // (forward_and_grad op at BERT-base B=8, interleaved, each right after the eager reference,
 // median ms): 16-bit elements go a tile at a time with the squares in registers (bf16: 2.73
 // and 3.20 vs 3.18 and 3.79 row by row), wider ones row by row, where two read streams beat
@@ -511,11 +494,19 @@ void student_grad_tiles(const LayerParams& p, const Chunk& ch, const acc_t* coef
 template <typename elem_t, typename acc_t>
 void student_grad_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coef_s,
                         acc_t* partial) {
-  acc_t* const sq_err = partial + 3 * p.d;
+  const int64_t d = p.d;
+  if (p.mask != nullptr) {
+    auto* dS = static_cast<elem_t*>(p.grad_student);
+    for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
+      if (!p.mask[r]) std::fill(dS + r * d, dS + (r + 1) * d, narrow<elem_t>(acc_t(0)));
+    }
+  }
+  ValidRows<elem_t> rows;
+  gather_valid_rows(p, ch.row_begin, ch.row_end, rows);
   if constexpr (sizeof(elem_t) == 2) {
-    student_grad_tiles<elem_t>(p, ch, coef_s, sq_err);
+    student_grad_tiles(p, rows, coef_s, partial + 3 * d);
   } else {
-    student_grad_rows<elem_t>(p, ch, coef_s, static_cast<int>(partial[4 * p.d]), sq_err);
+    student_grad_rows(p, rows, coef_s, partial + 3 * d);
   }
 }
 
