@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from eofd_kernels import ext_op  # noqa: F401  (registers the extension's ops)
+from eofd_kernels.backends import ext_backend  # registers the extension's ops
 from eofd_kernels.bench.providers import make_inputs, make_step
 from eofd_kernels.bench.shapes import MODELS, model_shape
 from eofd_kernels.timing import time_ms_interleaved
@@ -54,7 +54,7 @@ def main() -> None:
     }
     if device.type == "cpu":
         ops_and_floors["fwd + dS op"] = lambda: ops.forward_and_grad(
-            students, teachers, masks, 0.5, 0.0, grad.double(), ext_op.grad_group_bytes())
+            students, teachers, masks, 0.5, 0.0, grad.double(), ext_backend.grad_group_bytes())
     times = time_ms_interleaved(ops_and_floors, device, warmup=3, reps=args.reps)
     print(f"{args.model} L={shape.layers} B={args.batch} N={args.seq} d={shape.d} {args.dtype} "
           f"on {device}, median of {args.reps} round-robin reps")

@@ -58,19 +58,25 @@ def _as_layer_list(x, name: str) -> list[torch.Tensor]:
     raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
-def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor) -> None:
+def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor, names: tuple[str, str]) -> None:
     # One cheap test for the usual case (it runs per layer on every training step); the
     # checks after it explain which part of it failed.
     if (s.shape == t.shape and s.dim() >= 2 and s.dtype in _FLOAT_DTYPES
             and t.dtype in _FLOAT_DTYPES and s.device == t.device and s.shape[-1] > 0
-            and s.numel() >= 2 * s.shape[-1]):
+            and s.numel() >= 2 * s.shape[-1] and s.layout == t.layout == torch.strided
+            and s.device.type != "meta"):
         return
     where = f"layer {i}: "
-    for name, x in (("student", s), ("teacher", t)):
+    for name, x in zip(names, (s, t)):
+        if x.layout != torch.strided:
+            raise TypeError(f"{where}{name} must be a dense (strided) tensor, got {x.layout}")
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(
                 f"{where}{name} must be float16/bfloat16/float32/float64, got {x.dtype}"
             )
+        if x.device.type == "meta":
+            raise ValueError(f"{where}{name} is a meta tensor (no values to compute on); "
+                             "use FakeTensorMode or torch.compile to trace shapes")
         if x.dim() < 2:
             raise ValueError(
                 f"{where}{name} must have shape (..., d) with at least one token dim, "
@@ -95,6 +101,17 @@ def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor) -> None:
         )
 
 
+def _check_mask_values(i: int, m: torch.Tensor) -> None:
+    """A non-bool mask must hold only 0 and 1 (0.5 is not a token weight). Reading the values
+    is a device sync on a GPU: bool masks skip it, and so does tracing (torch.compile)."""
+    if torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(m):
+        return
+    bad = (m != 0) & (m != 1)
+    if bad.any():
+        raise ValueError(f"mask[{i}]: a {m.dtype} mask must hold only 0 and 1 (or be bool), "
+                         f"got {m[bad][0].item()!r}")
+
+
 def _check_mask(i: int, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"mask[{i}]: expected a torch.Tensor or None, got {type(m).__name__}")
@@ -105,9 +122,14 @@ def _check_mask(i: int, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         )
     if m.device != t.device:
         raise ValueError(f"mask[{i}]: on {m.device} but layer {i} is on {t.device}")
+    if m.layout != torch.strided:
+        raise TypeError(f"mask[{i}]: must be a dense (strided) tensor, got {m.layout}")
     if m.is_complex():
         raise TypeError(f"mask[{i}]: expected bool or 0/1 values, got {m.dtype}")
-    return (m if m.dtype == torch.bool else m != 0).reshape(-1).contiguous()
+    if m.dtype == torch.bool:
+        return m.reshape(-1).contiguous()
+    _check_mask_values(i, m)
+    return (m != 0).reshape(-1).contiguous()
 
 
 def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -135,16 +157,17 @@ def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | 
     raise TypeError(f"mask: expected None, a tensor or a sequence, got {type(mask).__name__}")
 
 
-def prepare_layers(student, teacher, mask=None) -> LayerBatch:
-    """Check the layers and masks of one call."""
-    students = _as_layer_list(student, "student")
-    teachers = _as_layer_list(teacher, "teacher")
+def prepare_layers(student, teacher, mask=None,
+                   names: tuple[str, str] = ("student", "teacher")) -> LayerBatch:
+    """Check the layers and masks of one call; ``names`` are the arguments' names in errors."""
+    students = _as_layer_list(student, names[0])
+    teachers = _as_layer_list(teacher, names[1])
     if len(students) != len(teachers):
         raise ValueError(
             f"student has {len(students)} layers but teacher has {len(teachers)} layers"
         )
     for i, (s, t) in enumerate(zip(students, teachers)):
-        _check_pair(i, s, t)
+        _check_pair(i, s, t, names)
     devices = {t.device for t in teachers}
     if len(devices) > 1:
         raise ValueError(f"all layers must be on one device, got {sorted(map(str, devices))}")
@@ -155,7 +178,7 @@ def prepare_layers(student, teacher, mask=None) -> LayerBatch:
 def check_power_eps(power, eps) -> tuple[float, float]:
     """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0."""
     for name, value in (("power", power), ("eps", eps)):
-        if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{name}: must be finite, got {value}")
@@ -164,11 +187,37 @@ def check_power_eps(power, eps) -> tuple[float, float]:
     return float(power), float(eps)
 
 
+def _layer_weight_tensor(layer_weights, losses: torch.Tensor) -> torch.Tensor:
+    """lambda as an ``(L,)`` tensor in the losses' dtype, keeping the graph of any tensor in it
+    (a stacked tensor, or a list / ParameterList of learned weights)."""
+    if isinstance(layer_weights, torch.Tensor):
+        lam = layer_weights
+    elif isinstance(layer_weights, (str, bytes)) or not hasattr(layer_weights, "__iter__"):
+        raise TypeError(f"layer_weights: expected a tensor or a sequence of numbers, got "
+                        f"{type(layer_weights).__name__}")
+    else:
+        items = []
+        for i, x in enumerate(layer_weights):
+            if isinstance(x, torch.Tensor) and x.numel() == 1:
+                items.append(x.reshape(()).to(device=losses.device, dtype=losses.dtype))
+            elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                items.append(torch.tensor(float(x), dtype=losses.dtype, device=losses.device))
+            else:
+                raise TypeError(f"layer_weights[{i}]: expected a number or a one-element "
+                                f"tensor, got {type(x).__name__}")
+        lam = torch.stack(items) if items else losses.new_empty(0)
+    if not (lam.is_floating_point() or lam.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"layer_weights: expected real numbers, got {lam.dtype}")
+    if lam.device != losses.device:
+        raise ValueError(f"layer_weights: on {lam.device} but the layers are on {losses.device}")
+    return lam.to(losses.dtype)
+
+
 def reduce_layers(losses: torch.Tensor, layer_weights, reduction: str) -> torch.Tensor:
     """``reduce_l(lambda_l * loss_l)`` over the ``(L,)`` per-layer losses."""
     num_layers = losses.shape[0]
     if layer_weights is not None:
-        lam = torch.as_tensor(layer_weights, dtype=losses.dtype, device=losses.device)
+        lam = _layer_weight_tensor(layer_weights, losses)
         if lam.shape != (num_layers,):
             raise ValueError(
                 f"layer_weights: expected {num_layers} weights (one per layer), "
@@ -183,6 +232,6 @@ def reduce_layers(losses: torch.Tensor, layer_weights, reduction: str) -> torch.
 
 
 def check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     return reduction

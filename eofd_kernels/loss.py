@@ -1,20 +1,50 @@
-"""The public entry points: ``eofd_loss``, ``EOFDLoss`` and ``teacher_weights``."""
+"""The public entry points: ``eofd_loss``, ``EOFDLoss`` and ``teacher_weights``.
+
+The path to a kernel: :func:`eofd_loss` checks the arguments (:mod:`.inputs`), picks a
+backend (:mod:`.backends`) and reduces its per-layer losses over the layers. A backend's
+module (``backends/<name>_backend.py``) calls its ops; for ``triton`` and ``ext`` the op's
+forward computes sigma_d in its statistics pass (``backends/triton_kernels.py:_stats_kernel``,
+``csrc/cpu/statistics_pass.h``, ``csrc/cuda/eofd_cuda.cu``): docs/design.md walks through it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends import resolve_backend
+from .backends import check_backend, resolve_backend
+from .backends.grad_ahead import GradAhead
+from .backends.torch_backend import layer_weights_torch
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
-from .torch_backend import layer_weights_torch
 
 __all__ = ["EOFDLoss", "eofd_loss", "teacher_weights"]
 
 
+def _under_functorch(batch) -> bool:
+    """True inside ``torch.func`` transforms (vmap, grad, jacrev, ...), which only the torch
+    backend's plain ops support."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the check; it runs functorch itself
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(x)
+               for x in batch.students + batch.teachers)
+
+
+def _layer_losses(student, teacher, mask, power, eps, backend, grad_ahead) -> torch.Tensor:
+    batch = prepare_layers(student, teacher, mask)
+    power, eps = check_power_eps(power, eps)
+    device = batch.teachers[0].device
+    if _under_functorch(batch):
+        name = check_backend(backend)
+        if name in ("triton", "ext"):
+            raise RuntimeError(f"backend={name!r} does not support torch.func transforms "
+                               "(vmap, grad, jacrev, ...); use backend='torch' or 'auto'")
+        return resolve_backend("torch" if name == "auto" else name, device)(batch, power, eps)
+    return resolve_backend(backend, device)(batch, power, eps, grad_ahead)
+
+
 def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=None,
               reduction: str = "sum", eps: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """EOFD loss over one or several distilled layers (DESIGN §1).
+    """EOFD loss over one or several distilled layers (docs/design.md, "The math").
 
     Args:
         student: ``(..., d)`` tensor, or a sequence of them (one per layer; layers may differ in
@@ -23,35 +53,43 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
         power: p in ``w_d = (sigma_d / (sbar + eps)) ** p``; 0 gives plain MSE.
         mask: None, one tensor of a layer's leading shape (bool or 0/1; applied to every layer
             of that leading shape), or a sequence with one mask (or None) per layer.
-        layer_weights: lambda_l per layer (sequence or ``(L,)`` tensor), or None for all ones.
+        layer_weights: lambda_l per layer (a sequence of numbers or 0-dim tensors, e.g. a
+            ParameterList, or an ``(L,)`` tensor; gradients reach them), or None for all ones.
         reduction: ``"sum"`` or ``"mean"`` over layers (0-dim result), or ``"none"`` (``(L,)``).
         eps: added to sbar; 0 is exactly the paper.
         backend: ``"auto"``, ``"triton"``, ``"ext"``, ``"torch"`` or ``"reference"``.
 
     Returns:
-        float32 (float64 when an input is float64) loss.
+        float32 (float64 when an input is float64) loss. Stateless: a training loop that
+        calls it every step runs faster on CPU through :class:`EOFDLoss` (its own forecast of
+        the incoming grads lets the forward write dS).
     """
-    batch = prepare_layers(student, teacher, mask)
-    power, eps = check_power_eps(power, eps)
     reduction = check_reduction(reduction)
-    layer_losses = resolve_backend(backend, batch.teachers[0].device)
-    return reduce_layers(layer_losses(batch, power, eps), layer_weights, reduction)
+    losses = _layer_losses(student, teacher, mask, power, eps, backend, None)
+    return reduce_layers(losses, layer_weights, reduction)
 
 
 class EOFDLoss(nn.Module):
-    """:func:`eofd_loss` as a module: ``forward(student, teacher, mask, layer_weights)``."""
+    """:func:`eofd_loss` as a module: ``forward(student, teacher, mask, layer_weights)``.
+
+    Arguments are checked here, at construction. The module owns a :class:`GradAhead`
+    (``grad_ahead``): the incoming grads its last backward brought, which an eager CPU
+    training step with the extension uses to write dS in the forward (same bits as the plain
+    backward; docs/design.md, "The CPU training step"). Use one module per loss in a loop.
+    """
 
     def __init__(self, power: float = 0.5, reduction: str = "sum", eps: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
         self.power, self.eps = check_power_eps(power, eps)
         self.reduction = check_reduction(reduction)
-        self.backend = backend
+        self.backend = check_backend(backend)
+        self.grad_ahead = GradAhead()
 
     def forward(self, student, teacher, mask=None, layer_weights=None) -> torch.Tensor:
-        return eofd_loss(student, teacher, power=self.power, mask=mask,
-                         layer_weights=layer_weights, reduction=self.reduction, eps=self.eps,
-                         backend=self.backend)
+        losses = _layer_losses(student, teacher, mask, self.power, self.eps, self.backend,
+                               self.grad_ahead)
+        return reduce_layers(losses, layer_weights, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"power={self.power}, reduction={self.reduction!r}, eps={self.eps}, "
@@ -61,6 +99,7 @@ class EOFDLoss(nn.Module):
 def teacher_weights(teacher, *, power: float = 0.5, mask=None, eps: float = 0.0):
     """The weights ``w_d`` (no grad): a ``(d,)`` tensor for one layer, else a list of them."""
     power, eps = check_power_eps(power, eps)
-    batch = prepare_layers(teacher, teacher, mask)
+    batch = prepare_layers(teacher, teacher, mask, names=("teacher", "teacher"))
     weights = layer_weights_torch(batch, power, eps)
     return weights[0] if isinstance(teacher, torch.Tensor) else weights
+

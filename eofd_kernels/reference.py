@@ -11,7 +11,7 @@ import torch
 
 from .layout import as_rows
 
-__all__ = ["calculate_weight", "eofd_loss_reference", "layer_losses_reference"]
+__all__ = ["calculate_weight", "eofd_loss_reference", "masked_reference_losses"]
 
 
 def calculate_weight(teacher: torch.Tensor, power: float = 0.5) -> torch.Tensor:
@@ -39,18 +39,20 @@ def eofd_loss_reference(
     return (squared_diff * weights).mean()
 
 
-def layer_losses_reference(batch, power: float, eps: float) -> torch.Tensor:
-    """``backend="reference"``: the paper's code per layer, masks by selecting valid tokens.
+def masked_reference_losses(students, teachers, masks, power: float = 0.5) -> torch.Tensor:
+    """Per-layer losses ``(L,)`` of the paper's code over each layer's valid tokens.
 
-    batch: a :class:`~eofd_kernels.inputs.LayerBatch`. Slow and not numerically hardened (its
-    std is ``torch.std`` in the inputs' dtype); it is the oracle, not a production path.
+    students, teachers: ``[(..., d_l)]``; masks: per layer None, or a bool/0-1 tensor of the
+    layer's leading shape or of its flattened tokens (the paper's code knows no masks: the
+    valid tokens are selected first). Differentiable; the losses' common dtype.
     """
-    if eps != 0.0:
-        raise ValueError(f"eps: the reference (the paper's code) has no eps, got eps={eps}")
-    acc = batch.result_dtype
     losses = []
-    for s, t, m in zip(batch.students, batch.teachers, batch.masks):
+    for s, t, m in zip(students, teachers, masks):
         if m is not None:
-            s, t = as_rows(s)[m], as_rows(t)[m]
-        losses.append(eofd_loss_reference(s, t, power).to(acc))
-    return torch.stack(losses)
+            keep = m.reshape(-1).to(torch.bool)
+            s, t = as_rows(s)[keep], as_rows(t)[keep]
+        losses.append(eofd_loss_reference(s, t, power))
+    dtype = losses[0].dtype
+    for loss in losses[1:]:
+        dtype = torch.promote_types(dtype, loss.dtype)
+    return torch.stack([loss.to(dtype) for loss in losses])

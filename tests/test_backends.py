@@ -30,7 +30,7 @@ backend_device = pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES,
 def _many_chunks(monkeypatch):
     """Several chunk programs per layer under the interpreter, so chunk merging is exercised."""
     if "triton" in ek.available_backends("cpu"):
-        from eofd_kernels import triton_kernels
+        from eofd_kernels.backends import triton_kernels
 
         monkeypatch.setattr(triton_kernels, "INTERPRETER_PROGRAMS", 64)
 

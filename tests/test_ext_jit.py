@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import eofd_kernels as ek
-    from eofd_kernels.ext_loader import load_error
+    from eofd_kernels.backends.ext_loader import load_error
 
     assert load_error() is None, load_error()
     assert "eofd_kernels._C" not in sys.modules

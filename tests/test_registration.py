@@ -30,7 +30,7 @@ def _op_args(device, dtype=torch.float32, teacher_grad=True):
 
 @needs_triton
 def test_opcheck_triton_forward():
-    from eofd_kernels.triton_op import triton_forward
+    from eofd_kernels.backends.triton_backend import triton_forward
 
     students, teachers, masks = _op_args("cpu")
     torch.library.opcheck(triton_forward, (students, teachers, masks, 0.5, 0.0))
@@ -39,7 +39,7 @@ def test_opcheck_triton_forward():
 @needs_triton
 @pytest.mark.parametrize("need_teacher_grad", [True, False])
 def test_opcheck_triton_backward(need_teacher_grad):
-    from eofd_kernels.triton_op import triton_backward, triton_forward
+    from eofd_kernels.backends.triton_backend import triton_backward, triton_forward
 
     students, teachers, masks = _op_args("cpu")
     _, dim_stats = triton_forward(students, teachers, masks, 0.5, 0.0)
@@ -57,38 +57,33 @@ OP_BACKEND_IDS = [i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS) if bd[0] in (
 
 def _registered_ops(backend):
     if backend == "ext":
-        from eofd_kernels import ext_op  # noqa: F401  (registers the ops' fake and autograd)
+        from eofd_kernels.backends import ext_backend  # noqa: F401  (registers fake + autograd)
 
         return torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
-    from eofd_kernels.triton_op import triton_backward, triton_forward
+    from eofd_kernels.backends.triton_backend import triton_backward, triton_forward
 
     return triton_forward, triton_backward
 
 
 @pytest.mark.parametrize(("backend", "device"), OP_BACKEND_DEVICES, ids=OP_BACKEND_IDS)
 @pytest.mark.parametrize("teacher_grad", [True, False])
-def test_eager_autograd_matches_the_registered_one(backend, device, teacher_grad):
-    """Eager calls skip the op's registered autograd (torch.compile uses it): both must give
-    the same bits, with and without a teacher gradient; a double backward raises."""
-    from eofd_kernels.op_registration import differentiable_layer_losses
+def test_double_backward_matches_torch_backend(backend, device, teacher_grad):
+    """A gradient penalty through the fused ops: backward(create_graph=True) gives a graph of
+    the gradient (the torch backend's formula), never a graph-less grad; the first-order
+    grads keep the kernels' values."""
+    students, teachers, masks = _op_args(device, dtype=torch.float64, teacher_grad=teacher_grad)
+    weights = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64, device=device)
 
-    forward_op, backward_op = _registered_ops(backend)
-    students, teachers, masks = _op_args(device, teacher_grad=teacher_grad)
-    grad = torch.tensor([1.5, -2.0, 0.5], device=device)
-    inputs = students + [t for t in teachers if t.requires_grad]
-    registered = forward_op(students, teachers, masks, 0.5, 0.0)[0]
-    eager = differentiable_layer_losses(forward_op, backward_op, students, teachers, masks, 0.5,
-                                        0.0)
-    assert torch.equal(registered, eager)
-    grads_registered = torch.autograd.grad(registered, inputs, grad)
-    grads_eager = torch.autograd.grad(eager, inputs, grad)
-    for a, b in zip(grads_registered, grads_eager, strict=True):
-        assert torch.equal(a, b)
-    again = differentiable_layer_losses(forward_op, backward_op, students, teachers, masks, 0.5,
-                                        0.0)
-    (d_student,) = torch.autograd.grad(again.sum(), students[:1], create_graph=True)
-    with pytest.raises(RuntimeError):  # no second-order graph, never a silent zero
-        torch.autograd.grad(d_student.sum(), students[:1])
+    def penalty_grads(name):
+        losses = ek.eofd_loss(students, teachers, mask=masks, reduction="none", backend=name)
+        inputs = students + [t for t in teachers if t.requires_grad]
+        grads = torch.autograd.grad(losses, inputs, weights, create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        return grads, torch.autograd.grad(penalty, inputs)
+
+    (grads, second), (want_grads, want_second) = penalty_grads(backend), penalty_grads("torch")
+    for got, want in zip(grads + second, want_grads + want_second, strict=True):
+        assert rel_err(got, want) <= 1e-10
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES, ids=BACKEND_IDS)
@@ -113,7 +108,7 @@ def test_compile_fullgraph_matches_eager(backend, device):
 @needs_ext
 @pytest.mark.parametrize("need_teacher_grad", [True, False])
 def test_opcheck_ext_ops(need_teacher_grad):
-    import eofd_kernels.ext_op  # noqa: F401  (registers fake impls and autograd)
+    import eofd_kernels.backends.ext_backend  # noqa: F401  (registers fake impls and autograd)
 
     students, teachers, masks = _op_args("cpu")
     torch.library.opcheck(torch.ops.eofd_ext.forward.default,
@@ -130,7 +125,7 @@ def test_opcheck_ext_ops(need_teacher_grad):
 def test_ext_forward_and_grad_is_forward_then_backward(dtype):
     """The CPU training forward's dS has the bits of the backward op for the same grads, and
     its losses and dim_stats those of the plain forward; opcheck covers its fake impl."""
-    import eofd_kernels.ext_op  # noqa: F401
+    import eofd_kernels.backends.ext_backend  # noqa: F401
 
     students, teachers, masks = _op_args("cpu", dtype, teacher_grad=False)
     students = [s.detach() for s in students]  # it runs inside an autograd.Function
@@ -159,7 +154,7 @@ def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads, dtyp
     grouping (one layer, two or more, all) and thread count, the forward's gradient chunks,
     which run beside the next group's statistics and wait for their layer's finalize, give
     the bits of the forward then the backward op."""
-    import eofd_kernels.ext_op  # noqa: F401
+    import eofd_kernels.backends.ext_backend  # noqa: F401
 
     g = torch.Generator().manual_seed(1)
     shapes = ((600, 24), (2, 300, 40), (900, 16), (257, 24))
@@ -187,17 +182,18 @@ def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads, dtyp
 
 
 @needs_ext
-def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
-    """Eager CPU calls compute dS in the forward for the grads the last backward brought (1 at
-    first) and hand it out when the same grads come; other grads, and a second backward
-    through a retained graph, recompute it. Every path gives the registered backward's bits."""
-    from eofd_kernels import op_registration
+def test_grad_ahead_hands_out_the_forwards_grads_when_forecast():
+    """With a GradAhead, CPU training calls compute dS in the forward for the grads the last
+    backward brought (1 at first) and hand it out when the same grads come; other grads, and
+    a second backward through a retained graph, recompute it. Every path gives the registered
+    backward's bits, and the forecast lives in the GradAhead alone."""
+    from eofd_kernels.backends.grad_ahead import GradAhead, layer_losses_with_grad_ahead
 
     ops = torch.ops.eofd_ext
     students, teachers, masks = _op_args("cpu", teacher_grad=False)
     calls = []
 
-    def grad_forward_op(*args):
+    def forward_and_grad_op(*args):
         calls.append(args[-1].tolist())
         return ops.forward_and_grad(*args, 1 << 20)
 
@@ -205,9 +201,9 @@ def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
         calls.append("backward")
         return ops.backward(*args)
 
-    def grads(grad, retained=None):
-        losses = retained if retained is not None else op_registration.differentiable_layer_losses(
-            ops.forward, backward_op, students, teachers, masks, 0.5, 0.0, grad_forward_op)
+    def grads(grad_ahead, grad, retained=None):
+        losses = retained if retained is not None else layer_losses_with_grad_ahead(
+            forward_and_grad_op, backward_op, grad_ahead, students, teachers, masks, 0.5, 0.0)
         got = torch.autograd.grad(losses, students, grad, retain_graph=retained is None)
         want = torch.autograd.grad(ops.forward(students, teachers, masks, 0.5, 0.0)[0], students,
                                    grad)
@@ -215,43 +211,47 @@ def test_ext_eager_backward_takes_the_forwards_grads_when_expected():
             assert torch.equal(a, b)
         return losses
 
-    op_registration._expected_grads.pop(len(students), None)
+    ahead, other = GradAhead(), GradAhead()
     ones, weighted = torch.ones(3), torch.tensor([1.5, -2.0, 0.3])
-    grads(ones)
+    grads(ahead, ones)
     assert calls == [[1.0, 1.0, 1.0]]  # expected and taken: no backward op
-    grads(weighted)
+    grads(ahead, weighted)
     assert calls[1:] == [[1.0, 1.0, 1.0], "backward"]  # a miss: recomputed, now expected
-    retained = grads(weighted)
+    retained = grads(ahead, weighted)
     assert calls[3:] == [[1.5, -2.0, 0.30000001192092896]]
-    grads(weighted, retained)
+    grads(ahead, weighted, retained)
     assert calls[4:] == ["backward"]  # taken once: the retained graph recomputes
+    grads(other, ones)  # another owner's forecast is its own
+    assert calls[5:] == [[1.0, 1.0, 1.0]]
 
 
 @needs_ext
-def test_ext_cpu_training_calls_take_ds_from_the_forward(monkeypatch):
-    """Eager CPU calls with a frozen teacher compute dS in the forward (any layer size: the
-    schedule test covers layers larger than a group); with a teacher that needs a gradient,
-    or without grad mode, the plain forward runs."""
-    from eofd_kernels import ext_op
+def test_only_the_module_takes_ds_from_the_forward(monkeypatch):
+    """EOFDLoss's eager CPU training calls with a frozen teacher compute dS in the forward;
+    the functional eofd_loss (stateless), a teacher that needs a gradient, or no grad mode
+    run the plain forward op."""
+    from eofd_kernels.backends import ext_backend
 
     calls = []
-    grad_forward_op = ext_op._CPU_GRAD_FORWARD_OP
-    monkeypatch.setattr(ext_op, "_CPU_GRAD_FORWARD_OP",
-                        lambda *args: calls.append(len(args[0])) or grad_forward_op(*args))
+    forward_and_grad = ext_backend._forward_and_grad
+    monkeypatch.setattr(ext_backend, "_forward_and_grad",
+                        lambda *args: calls.append(len(args[0])) or forward_and_grad(*args))
     g = torch.Generator().manual_seed(3)
     students = [torch.randn(2, 40, 24, generator=g, requires_grad=True) for _ in range(3)]
     teachers = [torch.randn(2, 40, 24, generator=g) for _ in range(3)]
-    ek.eofd_loss(students, teachers, backend="ext").backward()
+    module = ek.EOFDLoss(backend="ext")
+    module(students, teachers).backward()
     assert calls == [3]
+    ek.eofd_loss(students, teachers, backend="ext").backward()
     with torch.no_grad():
-        ek.eofd_loss(students, teachers, backend="ext")
-    ek.eofd_loss(students, [t.requires_grad_() for t in teachers], backend="ext").backward()
+        module(students, teachers)
+    module(students, [t.requires_grad_() for t in teachers]).backward()
     assert calls == [3]
 
 
 @needs_ext
 def test_ext_backward_rejects_mismatched_inputs():
-    import eofd_kernels.ext_op  # noqa: F401
+    import eofd_kernels.backends.ext_backend  # noqa: F401
 
     students, teachers, masks = _op_args("cpu")
     _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)

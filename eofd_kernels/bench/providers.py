@@ -9,8 +9,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backends import available_backends, interpreting
-from ..loss import eofd_loss
+from ..backends import available_backends
+from ..backends.availability import interpreting
+from ..loss import EOFDLoss
 from ..reference import eofd_loss_reference
 from .shapes import Shape
 
@@ -41,8 +42,8 @@ def _loss_fn(provider: str, power: float) -> Callable:
         fn = functools.partial(_reference_sum, power=power)
     elif provider in ("mse eager", "mse compiled"):
         fn = _mse_sum
-    else:
-        fn = functools.partial(eofd_loss, power=power, backend=provider)
+    else:  # the module a training loop holds (on CPU its forward can write dS: GradAhead)
+        fn = EOFDLoss(power=power, backend=provider)
     # Specialised to the point's shapes; the sweep resets dynamo's caches at every point.
     return torch.compile(fn, dynamic=False) if "compiled" in provider else fn
 

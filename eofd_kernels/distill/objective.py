@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..loss import eofd_loss
+from ..loss import EOFDLoss
 from .layer_map import LayerMap
 from .projection import HiddenProjection
 
@@ -96,8 +96,10 @@ class DistillationLoss(nn.Module):
         # Not submodules: the projections belong to the student (attach_projection), so they
         # are not registered twice in an optimiser built from both modules.
         self._projections = {"enc": projection, "dec": decoder_projection}
-        self.power, self.hidden_weight, self.eps = power, hidden_weight, eps
-        self.temperature, self.use_logits, self.backend = temperature, use_logits, backend
+        self.hidden_weight, self.temperature = hidden_weight, temperature
+        self.use_logits = use_logits
+        # Per-layer losses for logging; the module also owns the forecast of their grads.
+        self.eofd = EOFDLoss(power=power, reduction="none", eps=eps, backend=backend)
 
     def _sides(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
         """Yield (tag, layer map, projection, student states, teacher states, mask)."""
@@ -130,8 +132,7 @@ class DistillationLoss(nn.Module):
             teachers += [t_states[t] for _, t in pairs]
             masks += [mask] * len(pairs)
             names += [f"{tag} {s}<-{t}".strip() for s, t in pairs]
-        layer_losses = eofd_loss(students, teachers, power=self.power, mask=masks,
-                                 reduction="none", eps=self.eps, backend=self.backend)
+        layer_losses = self.eofd(students, teachers, mask=masks)
         hidden = layer_losses.sum()
         pred = hidden.new_zeros(())
         if self.use_logits:
@@ -153,6 +154,5 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer_map={self.layer_map}, decoder_layer_map={self.decoder_layer_map}, "
-                f"power={self.power}, hidden_weight={self.hidden_weight}, "
-                f"temperature={self.temperature}, use_logits={self.use_logits}, "
-                f"backend={self.backend!r}")
+                f"hidden_weight={self.hidden_weight}, temperature={self.temperature}, "
+                f"use_logits={self.use_logits}")

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout
-from .backends import interpreting
+from .. import layout
+from .availability import interpreting
 
 # Triton kernels may read only constexpr globals.
 C = tl.constexpr

@@ -9,16 +9,14 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
-
-__all__ = ["load_error", "missing_reason"]
+__all__ = ["load_error"]
 
 
 @functools.cache
 def load_error() -> str | None:
     """Loads the extension (registering the ``eofd_ext`` ops); the error, if any."""
     if os.environ.get("EOFD_JIT", "0") == "1":
-        from .ext_build import jit_load
+        from ..ext_build import jit_load
 
         try:
             jit_load()
@@ -26,21 +24,8 @@ def load_error() -> str | None:
             return f"EOFD_JIT=1: the JIT build of csrc/ failed: {error}"
         return None
     try:
-        from . import _C  # noqa: F401
+        from .. import _C  # noqa: F401
     except ImportError as error:
         return (f"the compiled extension eofd_kernels._C is not built ({error}); build it with "
                 "`pip install --no-build-isolation -e .`")
-    return None
-
-
-@functools.cache  # fixed for the process; asking the dispatcher costs ~10 us per call
-def missing_reason(device: torch.device) -> str | None:
-    """Why the compiled extension cannot run on ``device``, or None when it can."""
-    error = load_error()
-    if error is not None:
-        return error
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("eofd_ext::forward",
-                                                                        key):
-        return f"the extension was built without {device.type} kernels"
     return None

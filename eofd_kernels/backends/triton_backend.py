@@ -1,8 +1,8 @@
-"""``backend="triton"``: the fused kernels as ``torch.library`` custom ops with autograd.
+"""``backend="triton"``: the fused kernels (triton_kernels) as ``torch.library`` custom ops.
 
 ``custom_op`` (not ``triton_op``) because it is the registration that works in eager mode,
 under ``torch.compile(fullgraph=True)`` and ``opcheck`` alike, also when Triton runs through
-its CPU interpreter (DESIGN §3).
+its CPU interpreter (docs/design.md, "Registration").
 """
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..inputs import LayerBatch
 from . import triton_kernels as kernels
-from .inputs import LayerBatch
-from .op_registration import (
-    differentiable_layer_losses,
-    fake_backward,
-    fake_forward,
-    promote_layers,
-    register_eofd_autograd,
-)
+from .op_autograd import fake_backward, fake_forward, promote_layers, register_eofd_autograd
 
-__all__ = ["layer_losses_triton"]
+__all__ = ["layer_losses_triton", "triton_backward", "triton_forward"]
 
 
 @torch.library.custom_op("eofd_kernels::triton_forward", mutates_args=())
@@ -47,8 +41,8 @@ triton_backward.register_fake(fake_backward)
 register_eofd_autograd(triton_forward, triton_backward)
 
 
-def layer_losses_triton(batch: LayerBatch, power: float, eps: float) -> Tensor:
-    """Per-layer losses ``(L,)`` from the fused kernels."""
-    return differentiable_layer_losses(triton_forward, triton_backward,
-                                       promote_layers(batch.students),
-                                       promote_layers(batch.teachers), batch.masks, power, eps)
+def layer_losses_triton(batch: LayerBatch, power: float, eps: float, grad_ahead=None) -> Tensor:
+    """Per-layer losses ``(L,)`` from the fused kernels (``grad_ahead`` is not used: a GPU
+    keeps the separate backward)."""
+    return triton_forward(promote_layers(batch.students), promote_layers(batch.teachers),
+                          batch.masks, power, eps)[0]

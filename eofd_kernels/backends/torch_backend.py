@@ -1,0 +1,86 @@
+"""``backend="torch"``: the EOFD loss in plain PyTorch ops, differentiated by autograd.
+
+Always available, on any device, and under every transform (``torch.func``, fake tensors,
+double backward). It follows docs/design.md ("The math") to the letter and uses the same
+numerics as the fused kernels: fp32 (fp64 for fp64 inputs) accumulation and a pivoted
+two-pass std, so outlier dimensions with |mean| >> std keep every digit. No host syncs: the
+pivot row is found with ``argmax``. Masked tokens are selected with ``where``, never
+multiplied by 0, so NaN or Inf in padding cannot reach the loss or a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inputs import LayerBatch
+from ..layout import as_rows
+
+__all__ = ["layer_losses_torch", "layer_weights_torch"]
+
+
+def _pivoted_moments(teacher: torch.Tensor, valid: torch.Tensor | None):
+    """Per-dimension deviations from the mean of ``teacher`` ``(n, d)`` over the valid tokens.
+
+    Returns ``(centred (n, d) with 0 on masked rows, n_valid (0-dim))``. Every value is shifted
+    by one actual valid row (the pivot) before the two-pass mean: the shift is exact for
+    outlier dims (Sterbenz), so the mean keeps the digits that ``teacher.std()`` in fp32 loses.
+    """
+    if valid is None:
+        n_valid = torch.tensor(teacher.shape[0], dtype=teacher.dtype, device=teacher.device)
+        shifted = teacher - teacher[:1].detach()
+        return shifted - shifted.mean(dim=0), n_valid
+    keep = valid[:, None]
+    n_valid = valid.sum().to(teacher.dtype)
+    first_valid = valid.to(torch.uint8).argmax().reshape(1)
+    shifted = torch.where(keep, teacher - teacher.index_select(0, first_valid).detach(), 0.0)
+    return torch.where(keep, shifted - shifted.sum(dim=0) / n_valid, 0.0), n_valid
+
+
+def _sigma(centred: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """Unbiased std per dim. A constant dim (M2 = 0) gets sigma 0 with a zero derivative
+    (docs/design.md, "Degenerate dims"): its deviations are all 0, so any finite slope gives
+    the same dT, and 0 keeps sqrt's infinite slope at 0 from turning into 0 * inf = NaN."""
+    m2 = centred.square().sum(dim=0)
+    positive = m2 > 0
+    zero = 0.0 / (n_valid - 1)  # NaN when n' = 1, as in the reference (n' - 1 = 0)
+    return torch.where(positive, (torch.where(positive, m2, 1.0) / (n_valid - 1)).sqrt(), zero)
+
+
+def _weights(sigma: torch.Tensor, power: float, eps: float) -> torch.Tensor:
+    """``(sigma / (sbar + eps)) ** p``; a zero sigma gives ``0 ** p`` (1 at p = 0) without
+    differentiating pow at 0."""
+    ratio = sigma / (sigma.mean() + eps)
+    zero = sigma == 0
+    return torch.where(zero, torch.zeros_like(ratio) ** power,
+                       torch.where(zero, 1.0, ratio) ** power)
+
+
+def _layer_loss(student, teacher, valid, power: float, eps: float, acc: torch.dtype):
+    teacher = teacher.to(acc)
+    centred, n_valid = _pivoted_moments(teacher, valid)
+    weights = _weights(_sigma(centred, n_valid), power, eps)
+    sq_err = (student.to(acc) - teacher).square()
+    if valid is not None:
+        sq_err = torch.where(valid[:, None], sq_err, 0.0)
+    return (weights * sq_err.sum(dim=0)).sum() / (n_valid * teacher.shape[1])
+
+
+def layer_losses_torch(batch: LayerBatch, power: float, eps: float,
+                       grad_ahead=None) -> torch.Tensor:
+    """Per-layer losses ``(L,)`` in ``batch.result_dtype`` (``grad_ahead`` is not used)."""
+    acc = batch.result_dtype
+    return torch.stack([
+        _layer_loss(as_rows(s), as_rows(t), m, power, eps, acc)
+        for s, t, m in zip(batch.students, batch.teachers, batch.masks)
+    ])
+
+
+@torch.no_grad()
+def layer_weights_torch(batch: LayerBatch, power: float, eps: float) -> list[torch.Tensor]:
+    """The weights ``w_d`` of every layer, ``[(d_l,)]`` in ``batch.result_dtype``."""
+    acc = batch.result_dtype
+    weights = []
+    for t, m in zip(batch.teachers, batch.masks):
+        centred, n_valid = _pivoted_moments(as_rows(t).to(acc), m)
+        weights.append(_weights(_sigma(centred, n_valid), power, eps))
+    return weights
