@@ -5,7 +5,7 @@ training forward that also writes dS (``forward_and_grad``), a plain read of S a
 (``sum``) and a copy of S, on all distilled layers of a paper model. The ops are called
 directly (no Python API, no autograd), so this isolates kernel time from dispatch; the whole
 training step (``eofd_loss`` forward and backward, as the benchmark sweep times it) is timed
-beside them. Both that step and ``forward_and_grad`` are put against the floor of DESIGN §3's
+beside them. Both that step and ``forward_and_grad`` are put against the floor of the design's
 separate passes (a read of S and T plus a copy of S): on CPU they move less (3 passes from
 memory, T reread from L3), so they can come in under it. torch's ``sum`` and ``copy_`` are not
 the machine's peak: ``memory_floor.c`` times the same traffic in plain C.

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_SOURCES = ("csrc/eofd_ops.cpp", "csrc/cpu/eofd_cpu.cpp")
+CPU_SOURCES = ("csrc/eofd_ops.cpp", "csrc/cpu/cpu_ops.cpp")
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
 LINK_FLAGS = ["-fopenmp"]
 JIT_NAME = "eofd_kernels_jit"

@@ -126,7 +126,8 @@ def build(case: Case, dtype: torch.dtype, device, seed: int = 0):
 def oracle(students, teachers, masks, power=0.5, eps=0.0, grad_outputs=None):
     """Per-layer losses and (dS, dT) in float64 through autograd of the paper's code.
 
-    eps = 0 runs the reference itself; eps > 0 an explicit float64 transcription of DESIGN §1.
+    eps = 0 runs the reference itself; eps > 0 an explicit float64 transcription of
+    docs/design.md, "The math".
     """
     ss = [s.detach().double().requires_grad_() for s in students]
     ts = [t.detach().double().requires_grad_() for t in teachers]

@@ -1,5 +1,5 @@
 """The public API: reductions, layer weights, masks broadcast, the module, teacher_weights,
-backend selection, and a clear error for every bad input of DESIGN §2."""
+backend selection, and a clear error for every bad input (docs/design.md, "API")."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every backend that can run here against the float64 oracle (DESIGN §5).
+"""Every backend that can run here against the float64 oracle (docs/design.md, "Tests").
 
 Tolerances:
 * float64 inputs: 1e-10 -- all arithmetic is fp64; what is left is summation-order rounding.

@@ -35,7 +35,7 @@ def test_cu_compiles_without_spills(source, arch, tmp_path):
 
 
 def test_cuda_sources_are_torch_free():
-    """The .cu files include only CUDA headers and ours (DESIGN §3)."""
+    """The .cu files include only CUDA headers and ours (docs/design.md, "Layout")."""
     assert CU_FILES
     for path in CU_FILES:
         includes = re.findall(r'#include [<"]([^>"]+)[>"]', path.read_text())

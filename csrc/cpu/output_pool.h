@@ -5,8 +5,10 @@
 // fresh dS pages fault in again and the kernel zeroes them: on the 2-core CI machine that
 // tripled the median backward (12 x 1024 x 768 fp32: 13.8 ms, vs 5.0 ms with malloc kept from
 // trimming). Training asks for the same sizes every step, so buffers freed by autograd are kept
-// here, already faulted in, and handed out again for an exact size match, up to kMaxCachedBytes
-// in total (beyond that they are freed). This is the CPU analogue of the CUDA caching allocator.
+// here, already faulted in, and handed out again for an exact size match, up to limit() bytes
+// in total (beyond that they are freed; 1 GiB by default). This is the CPU analogue of the CUDA
+// caching allocator, and like torch.cuda.empty_cache, release() hands the cache back
+// (eofd_kernels.empty_cpu_cache; the limit: eofd_kernels.set_cpu_cache_limit).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +24,7 @@ namespace eofd {
 
 class OutputPool final : public c10::Allocator {
  public:
-  static constexpr size_t kMaxCachedBytes = size_t{1} << 30;
+  static constexpr size_t kDefaultLimitBytes = size_t{1} << 30;
 
   // Never destroyed: tensors holding pooled buffers may be freed during static destruction.
   static OutputPool* instance() {
@@ -43,6 +45,37 @@ class OutputPool final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
+  }
+
+  // Frees every cached buffer (tensors in use keep theirs); returns the bytes freed.
+  size_t release() {
+    std::unordered_multimap<size_t, void*> cached;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      cached.swap(free_);
+      bytes = cached_bytes_;
+      cached_bytes_ = 0;
+    }
+    for (const auto& entry : cached) c10::free_cpu(entry.second);
+    return bytes;
+  }
+
+  // The most bytes kept cached; a lower limit takes effect as buffers come back (release()
+  // empties the cache at once). 0 turns caching off.
+  void set_limit(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = bytes;
+  }
+
+  size_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
   }
 
  private:
@@ -70,7 +103,7 @@ class OutputPool final : public c10::Allocator {
   void give(void* data, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= kMaxCachedBytes) {
+      if (cached_bytes_ + bytes <= limit_) {
         free_.emplace(bytes, data);
         cached_bytes_ += bytes;
         return;
@@ -82,6 +115,7 @@ class OutputPool final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_multimap<size_t, void*> free_;
   size_t cached_bytes_ = 0;
+  size_t limit_ = kDefaultLimitBytes;
 };
 
 }  // namespace eofd

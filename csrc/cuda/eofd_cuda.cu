@@ -1,4 +1,4 @@
-// CUDA kernels of the EOFD loss: all layers of a call in the same launches (DESIGN §3).
+// CUDA kernels of the EOFD loss: all layers of a call in the same launches (docs/design.md, "The passes").
 // Torch-free: only CUDA headers and ours, so plain nvcc compiles it anywhere.
 //
 // Stats and backward grids are (chunk of rows, block of dims, layer). A block is

@@ -82,9 +82,13 @@ EOFD_HD double eofd_weight(double sigma, double scale, double power) {
   return power == 0.5 ? sqrt(ratio) : pow(ratio, power);
 }
 
-// G_d / ((n' - 1) sigma_d): the teacher-gradient coefficient through the weights (DESIGN §1).
+// G_d / ((n' - 1) sigma_d): the teacher-gradient coefficient through the weights
+// (docs/design.md, "Gradients"). A constant dim (sigma_d = 0) gets 0: its deviations
+// T - mu_d are all 0, so any finite coefficient gives the same dT, and 0 keeps the weight's
+// infinite slope at sigma = 0 (or p = 0 times it) from making 0 * inf = NaN there.
 EOFD_HD double eofd_coef_teacher(double weight, double sq_err, double sigma, double n_valid,
                                  double d, double power, double mean_term) {
+  if (sigma == 0.0) return 0.0;
   const double g = power / (n_valid * d) * (weight * sq_err / sigma - mean_term);
   return g / ((n_valid - 1.0) * sigma);
 }

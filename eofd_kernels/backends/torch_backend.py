@@ -59,10 +59,10 @@ def _layer_loss(student, teacher, valid, power: float, eps: float, acc: torch.dt
     teacher = teacher.to(acc)
     centred, n_valid = _pivoted_moments(teacher, valid)
     weights = _weights(_sigma(centred, n_valid), power, eps)
-    sq_err = (student.to(acc) - teacher).square()
-    if valid is not None:
-        sq_err = torch.where(valid[:, None], sq_err, 0.0)
-    return (weights * sq_err.sum(dim=0)).sum() / (n_valid * teacher.shape[1])
+    diff = student.to(acc) - teacher
+    if valid is not None:  # before squaring: square's backward would multiply NaN by 0
+        diff = torch.where(valid[:, None], diff, 0.0)
+    return (weights * diff.square().sum(dim=0)).sum() / (n_valid * teacher.shape[1])
 
 
 def layer_losses_torch(batch: LayerBatch, power: float, eps: float,

@@ -5,7 +5,7 @@ sizes, strides), so layers of different ``(n, d)`` and strides go through one la
 stacking copies. Grids are ``(token chunk, block of dims, layer)``; programs past a layer's
 own sizes do no memory traffic.
 
-Forward (DESIGN §3), three launches:
+Forward (docs/design.md, "The passes"), three launches:
   1. ``_stats_kernel``: each program reads its ``(chunk rows, BLOCK_D)`` slab of S and T once
      and writes, per dim, the valid-token count, a pivoted mean pair (pivot k = one valid T
      value, m = mean(T - k)), M2 and sum (S - T)^2: tile-exact two-pass statistics merged
@@ -181,14 +181,16 @@ def _merge_chunks_kernel(table, partials, dim_stats, num_chunks, max_d, CHUNK_RO
 
 
 @triton.jit
-def _power(ratio, power, ACC: tl.constexpr):
-    """``ratio ** power`` in ``ACC`` with torch's ``x ** 0 == 1`` (also for 0 and NaN)."""
-    p = power.to(ACC)
-    return tl.where(p == 0.0, 1.0, tl.exp2(p * tl.log2(ratio.to(ACC)))).to(tl.float64)
+def _power(ratio, power):
+    """``ratio ** power`` in float64 with torch's ``x ** 0 == 1`` (also for 0 and NaN).
+
+    float64 throughout: p = 1e-300 rounds to 0 in fp32, which would turn ``0 ** p = 0`` (a
+    constant dim's weight) into 1."""
+    return tl.where(power == 0.0, 1.0, tl.exp2(power * tl.log2(ratio)))
 
 
 @triton.jit
-def _finalize_layers_kernel(table, dim_stats, losses, max_d, ACC: tl.constexpr,
+def _finalize_layers_kernel(table, dim_stats, losses, max_d,
                             BLOCK_D: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)
     params = table + tl.num_programs(0) * TABLE_FIELDS
@@ -212,14 +214,14 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d, ACC: tl.constexpr,
         in_layer = cols < d
         sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
         sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
-        weight = tl.where(in_layer, _power(sigma / scale, power, ACC), 0.0)
+        weight = tl.where(in_layer, _power(sigma / scale, power), 0.0)
         wsq_sum += weight * sq_err
         tl.store(stats + D_WEIGHT * max_d + cols, weight, mask=cols < max_d)
         tl.store(stats + D_COEF_S * max_d + cols, 2.0 * weight * inv_nd, mask=cols < max_d)
     weighted = tl.sum(wsq_sum, axis=0)
     tl.store(losses + layer, (weighted * inv_nd).to(losses.dtype.element_ty))
 
-    # dT through the weights (DESIGN §1): coef_t = G_d / ((n' - 1) sigma_d).
+    # dT through the weights (docs/design.md, "Gradients"): coef_t = G_d / ((n' - 1) sigma_d).
     mean_term = weighted / (d * scale)
     for start in range(0, max_d, BLOCK_D):
         cols = start + offs
@@ -228,7 +230,8 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d, ACC: tl.constexpr,
         sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
         weight = tl.load(stats + D_WEIGHT * max_d + cols, mask=in_layer, other=0.0)
         g_d = power * inv_nd * (weight * sq_err / sigma - mean_term)
-        coef_t = tl.where(in_layer, g_d / ((n_valid - 1.0) * sigma), 0.0)
+        # A constant dim (sigma = 0) gets 0, like eofd_coef_teacher in csrc/include/eofd_params.h.
+        coef_t = tl.where(in_layer & (sigma != 0.0), g_d / ((n_valid - 1.0) * sigma), 0.0)
         tl.store(stats + D_COEF_T * max_d + cols, coef_t, mask=cols < max_d)
 
 
@@ -381,8 +384,7 @@ def eofd_forward(students, teachers, masks, power: float, eps: float):
         table, partials, dim_stats, num_chunks, max_d, CHUNK_ROWS=block_n * tiles_per_chunk,
         BLOCK_D=block_d)
     _finalize_layers_kernel[(num_layers,)](
-        table, dim_stats, losses, max_d, ACC=opts["ACC"],
-        BLOCK_D=min(triton.next_power_of_2(max_d), 1024))
+        table, dim_stats, losses, max_d, BLOCK_D=min(triton.next_power_of_2(max_d), 1024))
     return losses, dim_stats
 
 

@@ -1,1 +1,2 @@
-"""Benchmarks of the EOFD loss: providers, shapes, the sweep and its report (DESIGN §6)."""
+"""Benchmarks of the EOFD loss: providers, shapes, the sweep and its report (method:
+docs/design.md, "Benchmarks")."""

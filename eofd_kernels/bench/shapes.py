@@ -1,5 +1,5 @@
-"""Benchmark shapes: the paper's models over all their distilled layers (DESIGN §6), and the
-sweeps (presets) the ``bench`` command runs."""
+"""Benchmark shapes: the paper's models over all their distilled layers (docs/design.md,
+"Benchmarks"), and the sweeps (presets) the ``bench`` command runs."""
 
 from __future__ import annotations
 

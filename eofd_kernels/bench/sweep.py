@@ -1,10 +1,11 @@
 """Run a benchmark sweep: every (shape, dtype, mode, provider), timed side by side.
 
-Method (DESIGN §6): warm-up calls first (torch.compile's compilation happens there and is not
-timed); then the reps of all providers at a point go round-robin, so they share the machine's
-conditions; CUDA events with an L2 flush before every rep on a GPU, perf_counter on a CPU;
-medians with p20/p80. Bandwidth is the ideal traffic of a fused kernel over the median time; a
-device-to-device copy of one side's bytes, timed round-robin with them, is the yardstick.
+Method (docs/design.md, "Benchmarks"): warm-up calls first (torch.compile's compilation happens
+there and is not timed); then the reps of all providers at a point go round-robin, so they
+share the machine's conditions; CUDA events with an L2 flush before every rep on a GPU,
+perf_counter on a CPU; medians with p20/p80. Bandwidth is the ideal traffic of a fused kernel
+over the median time; a device-to-device copy of one side's bytes, timed round-robin with them,
+is the yardstick.
 """
 
 from __future__ import annotations
