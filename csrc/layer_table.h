@@ -88,8 +88,11 @@ inline void check_grad_losses(const LayerTable& table, const at::Tensor& grad_lo
 
 // The backward's own inputs: one grad per layer, and the forward's float64 dim_stats.
 inline void check_backward_inputs(const LayerTable& table, const at::Tensor& grad_losses,
-                                  const at::Tensor& dim_stats) {
+                                  const at::Tensor& dim_stats, const at::Device& device) {
   check_grad_losses(table, grad_losses);
+  TORCH_CHECK(grad_losses.device() == device && dim_stats.device() == device,
+              "eofd_ext: grad_losses (on ", grad_losses.device(), ") and dim_stats (on ",
+              dim_stats.device(), ") must be on the layers' device ", device);
   const int64_t num_layers = table.layers.size();
   TORCH_CHECK(dim_stats.scalar_type() == at::kDouble && dim_stats.is_contiguous() &&
                   dim_stats.sizes() == at::IntArrayRef({num_layers, kDimFields, table.max_d}),

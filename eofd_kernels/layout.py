@@ -1,6 +1,6 @@
 """Memory layouts shared by the Triton kernels, the compiled extension and the op glue.
 
-Mirrors ``csrc/include/eofd_params.h``; a test checks that the two agree.
+Mirrors ``csrc/include/eofd_params.h`` and ``chunk_policy.h``; a test checks that they agree.
 """
 
 from torch import Tensor
@@ -9,6 +9,9 @@ from torch import Tensor
 # Dims past a layer's own d are zero.
 D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
 DIM_FIELDS = 8
+
+# The most token rows one chunk's fp32 partials may hold (kMaxChunkRows, chunk_policy.h).
+MAX_CHUNK_ROWS = 1024
 
 
 def as_rows(x: Tensor) -> Tensor:

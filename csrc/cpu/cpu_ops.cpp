@@ -184,7 +184,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
     const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& dim_stats,
     bool need_teacher_grad) {
   LayerTable table = make_layer_table(students, teachers, masks);
-  check_backward_inputs(table, grad_losses, dim_stats);
+  check_backward_inputs(table, grad_losses, dim_stats, students[0].device());
   const std::vector<double> grads = host_grads(grad_losses);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
                                   pooled_empty_like);

@@ -9,11 +9,12 @@
 #include <utility>
 #include <vector>
 
+#include "../include/chunk_policy.h"
 #include "../layer_table.h"
 
 namespace eofd {
 
-constexpr int64_t kChunkRows = 256;
+constexpr int64_t kChunkRows = kCpuChunkRows;
 
 // Accumulation type: fp64 for fp64 inputs, else fp32.
 template <typename scalar_t>

@@ -1,4 +1,5 @@
-// CUDA kernels of the EOFD loss: all layers of a call in the same launches (docs/design.md, "The passes").
+// CUDA kernels of the EOFD loss: all layers of a call in the same launches (docs/design.md,
+// "The passes").
 // Torch-free: only CUDA headers and ours, so plain nvcc compiles it anywhere.
 //
 // Stats and backward grids are (chunk of rows, block of dims, layer). A block is
@@ -87,7 +88,6 @@ __device__ __forceinline__ bool row_valid(const LayerParams& p, int64_t r) {
   return r < p.n && (p.mask == nullptr || p.mask[r]);
 }
 
-constexpr int kPartialFields = 5;  // count, pivot, mean offset, M2, sum (S - T)^2
 
 template <typename T, bool HAS_MASK>
 __global__ void __launch_bounds__(kDimThreads * kRowGroups)
@@ -118,21 +118,24 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
       const int64_t r0 = row0 + (tile * kRowGroups + threadIdx.y) * kRowsPerThread;
       acc s[kRowsPerThread][V], t[kRowsPerThread][V];
       bool valid[kRowsPerThread];
-      int n_valid = 0, first = -1;
+      int n_valid = 0;
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         valid[i] = HAS_MASK ? row_valid(p, r0 + i) : r0 + i < p.n;
         if (valid[i]) {
           load_vec(S + (r0 + i) * p.student_row, col, p.d, s_aligned, s[i]);
           load_vec(Tt + (r0 + i) * p.teacher_row, col, p.d, t_aligned, t[i]);
-          first = first < 0 ? i : first;
           ++n_valid;
         }
       }
       if (n_valid == 0) continue;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const acc pivot = t[first][k];
+        // The first valid row's value, selected with constant indices: t[first][k] with a
+        // run-time `first` would put the tile in local memory.
+        acc pivot = 0;
+#pragma unroll
+        for (int i = kRowsPerThread - 1; i >= 0; --i) pivot = valid[i] ? t[i][k] : pivot;
         acc sum = 0;
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {

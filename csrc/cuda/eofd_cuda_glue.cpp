@@ -1,11 +1,12 @@
 // Torch glue of the CUDA kernels: checks, allocation, stream, registration under CUDA.
+// Only c10/cuda beside ATen: ATen/cuda/CUDAContext.h pulls in cuSPARSE and cuBLAS headers,
+// which a CUDA toolkit without those libraries (or torch's pip wheels) may not provide.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "../layer_table.h"
 #include "eofd_cuda.cuh"
@@ -25,6 +26,15 @@ DType kernel_dtype(at::ScalarType t) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Streaming multiprocessors of `device` (the runtime answers from its cached properties).
+int64_t multiprocessors(const at::Device& device) {
+  int count = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()) ==
+                  cudaSuccess,
+              "eofd_ext: cannot read the multiprocessor count of ", device);
+  return count;
+}
+
 // From shapes and the device alone, so the reduction order (the bits) never varies.
 LaunchShape launch_shape(const LayerTable& table, const at::Device& device) {
   LaunchShape shape{};
@@ -32,21 +42,28 @@ LaunchShape launch_shape(const LayerTable& table, const at::Device& device) {
   shape.max_d = table.max_d;
   for (const LayerParams& p : table.layers) shape.max_n = std::max(shape.max_n, p.n);
   const int64_t block_d = int64_t(kDimThreads) * (16 / at::elementSize(table.dtype));
-  const int64_t tiles = cdiv(shape.max_n, int64_t(kRowGroups) * kRowsPerThread);
-  const int64_t sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
-  const int64_t wanted = std::max<int64_t>(
-      1, 4 * sms / (shape.num_layers * cdiv(shape.max_d, block_d)));
-  shape.tiles_per_chunk = cdiv(tiles, wanted);
+  const int64_t tile_rows = int64_t(kRowGroups) * kRowsPerThread;
+  const int64_t tiles = cdiv(shape.max_n, tile_rows);
+  const int64_t wanted =
+      4 * multiprocessors(device) / (shape.num_layers * cdiv(shape.max_d, block_d));
+  shape.tiles_per_chunk = tiles_per_chunk(tiles, tile_rows, wanted);
   shape.num_chunks = cdiv(tiles, shape.tiles_per_chunk);
   return shape;
 }
 
-// The params table in device memory, copied from pinned host memory on the current stream.
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// The params table in device memory, written on the current stream from kernel parameters
+// (device_table.cu): CUDA-graph capture records it with the values it needs.
 at::Tensor device_table(const LayerTable& table, const at::Device& device) {
   const int64_t bytes = table.layers.size() * sizeof(LayerParams);
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), table.layers.data(), bytes);
-  return host.to(device, /*non_blocking=*/true);
+  at::Tensor layers = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  check_launch(write_device_table(table.layers.data(), static_cast<int>(table.layers.size()),
+                                  reinterpret_cast<LayerParams*>(layers.data_ptr()),
+                                  c10::cuda::getCurrentCUDAStream()));
+  return layers;
 }
 
 bool any_mask(const LayerTable& table) {
@@ -54,20 +71,16 @@ bool any_mask(const LayerTable& table) {
                      [](const LayerParams& p) { return p.mask != nullptr; });
 }
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cuda(
     at::TensorList students, at::TensorList teachers,
     const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
-  const at::cuda::CUDAGuard guard(students[0].device());
+  const c10::cuda::CUDAGuard guard(students[0].device());
   const LayerTable table = make_layer_table(students, teachers, masks);
   const LaunchShape shape = launch_shape(table, students[0].device());
   const auto options = students[0].options();
   const auto acc = table.dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials =
-      at::empty({shape.num_layers * shape.num_chunks * 5 * shape.max_d}, options.dtype(acc));
+      at::empty({shape.num_layers * shape.num_chunks * kPartialFields * shape.max_d}, options.dtype(acc));
   at::Tensor dim_stats = at::empty({shape.num_layers, kDimFields, shape.max_d},
                                    options.dtype(at::kDouble));
   at::Tensor losses = at::empty({shape.num_layers}, options.dtype(at::kDouble));
@@ -75,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   check_launch(launch_forward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
                               kernel_dtype(table.dtype), any_mask(table), power, eps,
                               partials.data_ptr(), dim_stats.data_ptr<double>(),
-                              losses.data_ptr<double>(), at::cuda::getCurrentCUDAStream()));
+                              losses.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
   return {losses.to(acc), dim_stats};
 }
 
@@ -83,10 +96,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
     const at::Tensor& grad_losses, at::TensorList students, at::TensorList teachers,
     const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& dim_stats,
     bool need_teacher_grad) {
-  const at::cuda::CUDAGuard guard(students[0].device());
+  const c10::cuda::CUDAGuard guard(students[0].device());
   LayerTable table = make_layer_table(students, teachers, masks);
   const LaunchShape shape = launch_shape(table, students[0].device());
-  check_backward_inputs(table, grad_losses, dim_stats);
+  check_backward_inputs(table, grad_losses, dim_stats, students[0].device());
   const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
   auto grads_out =
       allocate_grads(table, students, teachers, need_teacher_grad,
@@ -95,7 +108,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
   check_launch(launch_backward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
                                kernel_dtype(table.dtype), any_mask(table), need_teacher_grad,
                                grads.data_ptr<double>(), dim_stats.data_ptr<double>(),
-                               at::cuda::getCurrentCUDAStream()));
+                               c10::cuda::getCurrentCUDAStream()));
   return grads_out;
 }
 

@@ -19,8 +19,10 @@ Backward, one launch: ``_backward_kernel`` writes dS (and dT when the teacher ne
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -28,6 +30,7 @@ import triton.language as tl
 
 from .. import layout
 from .availability import interpreting
+from .device_tables import TABLES
 
 # Triton kernels may read only constexpr globals.
 C = tl.constexpr
@@ -74,17 +77,48 @@ def _chan_merge(n_a, k_a, m_a, q_a, n_b, k_b, m_b, q_b):
 
 
 @triton.jit
+def _row_pointers(base, rows, cols, row_stride, col_stride, BLOCK_D: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    """Pointers of ``rows x cols``. ALIGNED (the host checked: 16-byte aligned base, row
+    strides a multiple of 16 bytes, unit column stride, d a multiple of BLOCK_D) tells the
+    compiler so, which is what makes its loads and stores 16-byte vectors: the base pointer
+    comes from the int64 table, so it could not know either on its own."""
+    if ALIGNED:
+        ptrs = base + rows[:, None] * row_stride + cols[None, :]
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, BLOCK_D])
+    else:
+        ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
+    return ptrs
+
+
+@triton.jit
+def _tile_bounds(rows, cols, n, d, ALIGNED: tl.constexpr):
+    """Which rows, and which elements, of the tile lie inside the layer. ALIGNED: a block of
+    dims is wholly in or out of the layer (a block past d acts as if the layer had no rows),
+    so the bound is constant along a row: a mask that 16-byte vectors can use."""
+    if ALIGNED:
+        row_ok = rows < tl.where(tl.min(cols, axis=0) < d, n, 0)
+        inside = tl.broadcast_to(row_ok[:, None], (rows.shape[0], cols.shape[0]))
+    else:
+        row_ok = rows < n
+        inside = row_ok[:, None] & (cols < d)[None, :]
+    return row_ok, inside
+
+
+@triton.jit
 def _load_tile(table_row, rows, cols, n, d, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
-               ACC: tl.constexpr, HAS_MASK: tl.constexpr):
+               ACC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr,
+               ALIGNED: tl.constexpr):
     """S and T of ``rows x cols`` in ``ACC`` (0 outside), and which rows are valid tokens."""
     s_base = tl.load(table_row + S_PTR).to(tl.pointer_type(S_DTYPE))
     t_base = tl.load(table_row + T_PTR).to(tl.pointer_type(T_DTYPE))
-    row_ok = rows < n
-    inside = row_ok[:, None] & (cols < d)[None, :]
-    s_offs = rows[:, None] * tl.load(table_row + S_ROW) + cols[None, :] * tl.load(table_row + S_COL)
-    t_offs = rows[:, None] * tl.load(table_row + T_ROW) + cols[None, :] * tl.load(table_row + T_COL)
-    s = tl.load(s_base + s_offs, mask=inside, other=0.0).to(ACC)
-    t = tl.load(t_base + t_offs, mask=inside, other=0.0).to(ACC)
+    row_ok, inside = _tile_bounds(rows, cols, n, d, ALIGNED)
+    s_ptrs = _row_pointers(s_base, rows, cols, tl.load(table_row + S_ROW),
+                           tl.load(table_row + S_COL), BLOCK_D, ALIGNED)
+    t_ptrs = _row_pointers(t_base, rows, cols, tl.load(table_row + T_ROW),
+                           tl.load(table_row + T_COL), BLOCK_D, ALIGNED)
+    s = tl.load(s_ptrs, mask=inside, other=0.0).to(ACC)
+    t = tl.load(t_ptrs, mask=inside, other=0.0).to(ACC)
     valid = row_ok
     if HAS_MASK:
         mask_int = tl.load(table_row + MASK_PTR)
@@ -101,6 +135,7 @@ def _stats_kernel(
     table, partials, num_chunks, max_d,
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     dblock = tl.program_id(1)
@@ -118,7 +153,8 @@ def _stats_kernel(
     sq_err = tl.zeros((BLOCK_D,), ACC)
     for tile in range(TILES_PER_CHUNK):
         rows = (chunk * TILES_PER_CHUNK + tile) * BLOCK_N + tile_rows
-        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK)
+        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK,
+                                 BLOCK_D, ALIGNED)
         valid2 = valid[:, None]
         diff = s - t
         sq_err += tl.sum(tl.where(valid2, diff * diff, 0.0), axis=0)
@@ -256,7 +292,7 @@ def _backward_kernel(
     table, dim_stats, grad_losses, max_d,
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
     NEED_DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TILES_PER_CHUNK: tl.constexpr, SOFT_BF16: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr, SOFT_BF16: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     dblock = tl.program_id(1)
@@ -277,25 +313,48 @@ def _backward_kernel(
     tile_rows = tl.arange(0, BLOCK_N).to(tl.int64)
     for tile in range(TILES_PER_CHUNK):
         rows = (chunk * TILES_PER_CHUNK + tile) * BLOCK_N + tile_rows
-        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK)
-        inside = (rows < n)[:, None] & col_ok[None, :]
-        # Gradients are written contiguous (n, d).
-        offs = rows[:, None] * d + cols[None, :]
+        s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK,
+                                 BLOCK_D, ALIGNED)
+        inside = _tile_bounds(rows, cols, n, d, ALIGNED)[1]
         ds = tl.where(valid[:, None], coef_s * (s - t), 0.0)
-        tl.store(ds_base + offs, _round_to(ds, S_DTYPE, SOFT_BF16), mask=inside)
+        # Gradients are written contiguous (n, d), from fresh (aligned) allocations.
+        tl.store(_row_pointers(ds_base, rows, cols, d, 1, BLOCK_D, ALIGNED),
+                 _round_to(ds, S_DTYPE, SOFT_BF16), mask=inside)
         if NEED_DT:
             dt = tl.where(valid[:, None], coef_t * ((t - pivot) - mean) - ds, 0.0)
-            tl.store(dt_base + offs, _round_to(dt, T_DTYPE, SOFT_BF16), mask=inside)
+            tl.store(_row_pointers(dt_base, rows, cols, d, 1, BLOCK_D, ALIGNED),
+                     _round_to(dt, T_DTYPE, SOFT_BF16), mask=inside)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a plan: ``kernel[grid](*args, **constexprs)``. Exposed so that a
+    test can compile exactly what a GPU would run, ahead of time (triton_aot.py)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the launch shape depends on: the interpreter, or a GPU with ``sms`` SMs."""
+
+    sms: int
+    interpreter: bool
+
+    @staticmethod
+    def of(device: torch.device) -> Target:
+        if device.type == "cuda":
+            return Target(torch.cuda.get_device_properties(device).multi_processor_count, False)
+        return Target(1, interpreting())
 
 
 # Programs the interpreter aims at: it runs them one after another, so the fewest, largest
@@ -303,23 +362,25 @@ def _num_sms(device: torch.device) -> int:
 INTERPRETER_PROGRAMS = 1
 
 
-def _launch_shape(max_n: int, max_d: int, num_layers: int, device: torch.device):
+def _launch_shape(max_n: int, max_d: int, num_layers: int, target: Target):
     """``(BLOCK_N, BLOCK_D, TILES_PER_CHUNK, num_chunks)`` from the shapes alone.
 
-    It depends on nothing but shapes and the device, so a call's reduction order (hence its
+    It depends on nothing but shapes and the target, so a call's reduction order (hence its
     bits) is the same every time. On a GPU the grid aims at a few waves of programs.
     """
-    if interpreting():
+    if target.interpreter:
         block_n, block_d = 64, min(triton.next_power_of_2(max_d), 256)
         target_programs = INTERPRETER_PROGRAMS
     else:
         block_n, block_d = 32, min(triton.next_power_of_2(max_d), 128)
-        target_programs = 8 * _num_sms(device)
+        target_programs = 8 * target.sms
     tiles = triton.cdiv(max_n, block_n)
     programs_per_chunk = num_layers * triton.cdiv(max_d, block_d)
     chunks_wanted = max(1, target_programs // programs_per_chunk)
-    # Powers of two keep the number of compiled variants small.
-    tiles_per_chunk = min(triton.next_power_of_2(triton.cdiv(tiles, chunks_wanted)), 64)
+    # Powers of two keep the number of compiled variants small; a chunk's fp32 partials hold
+    # at most MAX_CHUNK_ROWS rows (csrc/include/chunk_policy.h says why).
+    tiles_per_chunk = min(triton.next_power_of_2(triton.cdiv(tiles, chunks_wanted)),
+                          max(1, layout.MAX_CHUNK_ROWS // block_n))
     return block_n, block_d, tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
 
 
@@ -329,16 +390,25 @@ def _float_bits(x: float) -> int:
 
 def _layer_table(students, teachers, masks, d_students=(), d_teachers=(), power=0.0, eps=0.0):
     """The ``(L * TABLE_FIELDS + 2,)`` int64 call table on the layers' device."""
-    rows = []
+    values = []
     for i, (s, t, m) in enumerate(zip(students, teachers, masks)):
         ds = d_students[i].data_ptr() if d_students else 0
         dt = d_teachers[i].data_ptr() if d_teachers else 0
-        rows.append([s.data_ptr(), t.data_ptr(), 0 if m is None else m.data_ptr(),
-                     s.shape[0], s.shape[1], s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-                     ds, dt])
-    rows.append([_float_bits(power), _float_bits(eps)])
-    table = torch.tensor([v for row in rows for v in row], dtype=torch.int64)
-    return table.to(students[0].device, non_blocking=True)
+        values += [s.data_ptr(), t.data_ptr(), 0 if m is None else m.data_ptr(),
+                   s.shape[0], s.shape[1], s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+                   ds, dt]
+    values += [_float_bits(power), _float_bits(eps)]
+    device = students[0].device
+    if device.type == "cuda":
+        return TABLES.get(tuple(values), device)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _aligned(layers, block_d: int) -> bool:
+    """Whether every ``(n, d)`` layer allows 16-byte vector access (see _row_pointers)."""
+    return all(x.stride(1) == 1 and x.data_ptr() % 16 == 0
+               and (x.stride(0) * x.element_size()) % 16 == 0 and x.shape[1] % block_d == 0
+               for x in layers)
 
 
 def _rows(layers):
@@ -356,18 +426,18 @@ def _common(students, teachers, masks):
     )
 
 
-def eofd_forward(students, teachers, masks, power: float, eps: float):
-    """Per-layer losses ``(L,)`` and the per-dim statistics ``(L, DIM_FIELDS, max_d)`` fp64.
+def plan_forward(students, teachers, masks, power: float, eps: float, target: Target):
+    """The forward's launches, and the ``(losses, dim_stats)`` they will write.
 
-    students, teachers: ``[(..., d_l)]`` (n_l tokens) with one dtype each across layers;
+    students, teachers: ``[(n_l, d_l)]`` rows with one dtype each across layers;
     masks: ``[(n_l,)]`` bool contiguous or None.
     """
-    students, teachers = _rows(students), _rows(teachers)
     device = students[0].device
     num_layers = len(students)
     max_n = max(s.shape[0] for s in students)
     max_d = max(s.shape[1] for s in students)
-    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers, device)
+    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers,
+                                                                  target)
     opts = _common(students, teachers, masks)
     acc_dtype = torch.float64 if opts["ACC"] == tl.float64 else torch.float32
     table = _layer_table(students, teachers, masks, power=power, eps=eps)
@@ -377,34 +447,78 @@ def eofd_forward(students, teachers, masks, power: float, eps: float):
                             device=device)
     losses = torch.empty(num_layers, dtype=acc_dtype, device=device)
     dblocks = triton.cdiv(max_d, block_d)
-    _stats_kernel[(num_chunks, dblocks, num_layers)](
-        table, partials, num_chunks, max_d, BLOCK_N=block_n, BLOCK_D=block_d,
-        TILES_PER_CHUNK=tiles_per_chunk, **opts)
-    _merge_chunks_kernel[(dblocks, num_layers)](
-        table, partials, dim_stats, num_chunks, max_d, CHUNK_ROWS=block_n * tiles_per_chunk,
-        BLOCK_D=block_d)
-    _finalize_layers_kernel[(num_layers,)](
-        table, dim_stats, losses, max_d, BLOCK_D=min(triton.next_power_of_2(max_d), 1024))
-    return losses, dim_stats
+    launches = [
+        Launch(_stats_kernel, (num_chunks, dblocks, num_layers),
+               (table, partials, num_chunks, max_d),
+               dict(BLOCK_N=block_n, BLOCK_D=block_d, TILES_PER_CHUNK=tiles_per_chunk,
+                    ALIGNED=_aligned(students + teachers, block_d), **opts)),
+        Launch(_merge_chunks_kernel, (dblocks, num_layers),
+               (table, partials, dim_stats, num_chunks, max_d),
+               dict(CHUNK_ROWS=block_n * tiles_per_chunk, BLOCK_D=block_d)),
+        Launch(_finalize_layers_kernel, (num_layers,), (table, dim_stats, losses, max_d),
+               dict(BLOCK_D=min(triton.next_power_of_2(max_d), 1024))),
+    ]
+    return launches, (losses, dim_stats)
 
 
-def eofd_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool):
-    """dS in the students' shapes and dtype, and dT likewise (``[]`` unless needed).
+def plan_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool,
+                  target: Target):
+    """The backward's launch, and the ``(dS, dT)`` it will write (dT ``[]`` unless needed).
 
-    The gradients are contiguous, so as rows they are ``(n_l, d_l)`` with row stride d_l.
+    students, teachers: ``[(n_l, d_l)]`` rows. The gradients are contiguous ``(n_l, d_l)``
+    (row stride d_l); the caller views them in the inputs' shapes.
     """
     d_students = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
     d_teachers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teachers
                   ] if need_teacher_grad else []
-    students, teachers = _rows(students), _rows(teachers)
-    device = students[0].device
     num_layers = len(students)
     max_n = max(s.shape[0] for s in students)
     max_d = dim_stats.shape[-1]
-    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers, device)
+    block_n, block_d, tiles_per_chunk, num_chunks = _launch_shape(max_n, max_d, num_layers,
+                                                                  target)
     table = _layer_table(students, teachers, masks, d_students, d_teachers)
-    _backward_kernel[(num_chunks, triton.cdiv(max_d, block_d), num_layers)](
-        table, dim_stats, grad_losses.contiguous(), max_d, NEED_DT=need_teacher_grad,
-        BLOCK_N=block_n, BLOCK_D=block_d, TILES_PER_CHUNK=tiles_per_chunk,
-        SOFT_BF16=interpreting(), **_common(students, teachers, masks))
-    return d_students, d_teachers
+    launch = Launch(
+        _backward_kernel, (num_chunks, triton.cdiv(max_d, block_d), num_layers),
+        (table, dim_stats, grad_losses.contiguous(), max_d),
+        dict(NEED_DT=need_teacher_grad, BLOCK_N=block_n, BLOCK_D=block_d,
+             TILES_PER_CHUNK=tiles_per_chunk, SOFT_BF16=target.interpreter,
+             ALIGNED=_aligned(students + teachers, block_d),
+             **_common(students, teachers, masks)))
+    return [launch], (d_students, d_teachers)
+
+
+def _on_device(device: torch.device):
+    """Launch under the tensors' device: Triton launches on the current device, which may be
+    another GPU than the one holding the layers (cuda:1 tensors while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def eofd_forward(students, teachers, masks, power: float, eps: float):
+    """Per-layer losses ``(L,)`` and the per-dim statistics ``(L, DIM_FIELDS, max_d)`` fp64.
+
+    students, teachers: ``[(..., d_l)]`` (n_l tokens) with one dtype each across layers;
+    masks: ``[(n_l,)]`` bool contiguous or None.
+    """
+    device = students[0].device
+    # Held until the launches are enqueued: a copy made by as_rows is read through the table.
+    student_rows, teacher_rows = _rows(students), _rows(teachers)
+    with _on_device(device):
+        launches, outputs = plan_forward(student_rows, teacher_rows, masks, power, eps,
+                                         Target.of(device))
+        for launch in launches:
+            launch()
+    return outputs
+
+
+def eofd_backward(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool):
+    """dS in the students' shapes and dtype, and dT likewise (``[]`` unless needed)."""
+    device = students[0].device
+    student_rows, teacher_rows = _rows(students), _rows(teachers)  # held, as in eofd_forward
+    with _on_device(device):
+        launches, (d_students, d_teachers) = plan_backward(
+            grad_losses, student_rows, teacher_rows, masks, dim_stats, need_teacher_grad,
+            Target.of(device))
+        for launch in launches:
+            launch()
+    return ([g.view(s.shape) for g, s in zip(d_students, students)],
+            [g.view(t.shape) for g, t in zip(d_teachers, teachers)])
