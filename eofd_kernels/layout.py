@@ -7,7 +7,7 @@ from torch import Tensor
 
 # Per-dim statistics the forward returns and the backward reads: (L, DIM_FIELDS, max d) fp64.
 # Dims past a layer's own d are zero.
-D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
+D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQ_ERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
 DIM_FIELDS = 8
 
 # The most token rows one chunk's fp32 partials may hold (kMaxChunkRows, chunk_policy.h).

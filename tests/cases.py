@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eofd_kernels.reference import eofd_loss_reference
+from eofd_kernels.reference import masked_reference_losses
+from eofd_kernels.synthetic import student_near, teacher_states
 
 
 @dataclass
@@ -27,17 +28,11 @@ def _rand(g, *shape, scale=None):
     return x
 
 
-def _teacher(g, *shape):
-    """Hidden states with per-dim spreads over two decades, like a transformer's."""
-    d = shape[-1]
-    spread = torch.exp(torch.rand(d, generator=g, dtype=torch.float64) * 4.6 - 2.3)
-    offset = _rand(g, d)
-    return _rand(g, *shape) * spread + offset
-
-
 def _pair(g, *shape):
-    t = _teacher(g, *shape)
-    return t + 0.3 * _rand(g, *shape), t
+    """A teacher with per-dim spreads over two decades (no extra outliers: cases plant their
+    own) and a student near it, in float64."""
+    t = teacher_states(shape, g, log_spread=4.6, outlier_every=0, dtype=torch.float64)
+    return student_near(t, g, noise=0.3), t
 
 
 def _mask(g, *lead, keep=0.7):
@@ -123,6 +118,17 @@ def build(case: Case, dtype: torch.dtype, device, seed: int = 0):
     return ([move(x) for x in students], [move(x) for x in teachers], [move(m) for m in masks])
 
 
+def _eps_loss(s, t, m, power, eps):
+    """docs/design.md's loss with eps > 0, transcribed in float64 (the paper has no eps)."""
+    if m is not None:
+        s, t = s[m.reshape(s.shape[:-1])], t[m.reshape(t.shape[:-1])]
+    t2 = t.reshape(-1, t.shape[-1])
+    mu = t2.sum(0) / t2.shape[0]
+    sigma = (((t2 - mu) ** 2).sum(0) / (t2.shape[0] - 1)).sqrt()
+    w = (sigma / (sigma.mean() + eps)) ** power
+    return (w * ((s - t) ** 2).reshape(-1, t.shape[-1]).sum(0)).sum() / t.numel()
+
+
 def oracle(students, teachers, masks, power=0.5, eps=0.0, grad_outputs=None):
     """Per-layer losses and (dS, dT) in float64 through autograd of the paper's code.
 
@@ -131,19 +137,10 @@ def oracle(students, teachers, masks, power=0.5, eps=0.0, grad_outputs=None):
     """
     ss = [s.detach().double().requires_grad_() for s in students]
     ts = [t.detach().double().requires_grad_() for t in teachers]
-    losses = []
-    for s, t, m in zip(ss, ts, masks):
-        if m is not None:
-            s, t = s[m.reshape(s.shape[:-1])], t[m.reshape(t.shape[:-1])]
-        if eps == 0.0:
-            losses.append(eofd_loss_reference(s, t, power))
-        else:
-            t2 = t.reshape(-1, t.shape[-1])
-            mu = t2.sum(0) / t2.shape[0]
-            sigma = (((t2 - mu) ** 2).sum(0) / (t2.shape[0] - 1)).sqrt()
-            w = (sigma / (sigma.mean() + eps)) ** power
-            losses.append((w * ((s - t) ** 2).reshape(-1, t.shape[-1]).sum(0)).sum() / t.numel())
-    losses = torch.stack(losses)
+    if eps == 0.0:
+        losses = masked_reference_losses(ss, ts, masks, power)
+    else:
+        losses = torch.stack([_eps_loss(s, t, m, power, eps) for s, t, m in zip(ss, ts, masks)])
     go = torch.ones_like(losses) if grad_outputs is None else grad_outputs.double()
     grads = torch.autograd.grad(losses, ss + ts, go)
     return losses.detach(), list(grads[:len(ss)]), list(grads[len(ss):])

@@ -285,23 +285,6 @@ def test_ext_cpu_gradients_reuse_freed_buffers():
     assert torch.equal(g[: want[0].numel()].view_as(want[0]), 2 * want[0])
 
 
-def test_header_layout_matches_python():
-    """csrc/include/eofd_params.h and eofd_kernels/layout.py describe the same dim_stats."""
-    import re
-    from pathlib import Path
-
-    from eofd_kernels import layout
-
-    header = (Path(__file__).parents[1] / "csrc/include/eofd_params.h").read_text()
-    body = re.search(r"enum DimField : int \{(.*?)\};", header, re.S).group(1)
-    names = [n.strip().split("=")[0].strip() for n in body.split(",") if n.strip()]
-    python = [layout.D_COUNT, layout.D_PIVOT, layout.D_MEAN, layout.D_SIGMA, layout.D_SQERR,
-              layout.D_WEIGHT, layout.D_COEF_S, layout.D_COEF_T]
-    assert names == ["kCount", "kPivot", "kMean", "kSigma", "kSqErr", "kWeight", "kCoefS",
-                     "kCoefT", "kDimFields"]
-    assert python == list(range(8)) and layout.DIM_FIELDS == 8
-
-
 @pytest.mark.parametrize(("backend", "device"), OP_BACKEND_DEVICES, ids=OP_BACKEND_IDS)
 @pytest.mark.parametrize("power", [0.5, 0.7])
 def test_forward_dim_stats_match_float64(backend, device, power):

@@ -48,7 +48,7 @@ PARTIAL_FIELDS = C(5)
 # Per-dim statistics (eofd_kernels.layout).
 D_COUNT, D_PIVOT, D_MEAN, D_SIGMA = C(layout.D_COUNT), C(layout.D_PIVOT), C(layout.D_MEAN), C(
     layout.D_SIGMA)
-D_SQERR, D_WEIGHT, D_COEF_S, D_COEF_T = C(layout.D_SQERR), C(layout.D_WEIGHT), C(
+D_SQ_ERR, D_WEIGHT, D_COEF_S, D_COEF_T = C(layout.D_SQ_ERR), C(layout.D_WEIGHT), C(
     layout.D_COEF_S), C(layout.D_COEF_T)
 DIM_FIELDS = C(layout.DIM_FIELDS)
 
@@ -213,7 +213,7 @@ def _merge_chunks_kernel(table, partials, dim_stats, num_chunks, max_d, CHUNK_RO
     tl.store(out + D_PIVOT * max_d, tl.where(in_layer, pivot, 0.0), mask=keep)
     tl.store(out + D_MEAN * max_d, tl.where(in_layer, mean, 0.0), mask=keep)
     tl.store(out + D_SIGMA * max_d, tl.where(in_layer, sigma, 0.0), mask=keep)
-    tl.store(out + D_SQERR * max_d, tl.where(in_layer, sq_err, 0.0), mask=keep)
+    tl.store(out + D_SQ_ERR * max_d, tl.where(in_layer, sq_err, 0.0), mask=keep)
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d,
         cols = start + offs
         in_layer = cols < d
         sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
-        sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
+        sq_err = tl.load(stats + D_SQ_ERR * max_d + cols, mask=in_layer, other=0.0)
         weight = tl.where(in_layer, _power(sigma / scale, power), 0.0)
         wsq_sum += weight * sq_err
         tl.store(stats + D_WEIGHT * max_d + cols, weight, mask=cols < max_d)
@@ -263,7 +263,7 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d,
         cols = start + offs
         in_layer = cols < d
         sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
-        sq_err = tl.load(stats + D_SQERR * max_d + cols, mask=in_layer, other=0.0)
+        sq_err = tl.load(stats + D_SQ_ERR * max_d + cols, mask=in_layer, other=0.0)
         weight = tl.load(stats + D_WEIGHT * max_d + cols, mask=in_layer, other=0.0)
         g_d = power * inv_nd * (weight * sq_err / sigma - mean_term)
         # A constant dim (sigma = 0) gets 0, like eofd_coef_teacher in csrc/include/eofd_params.h.

@@ -13,6 +13,7 @@ from ..backends import available_backends
 from ..backends.availability import interpreting
 from ..loss import EOFDLoss
 from ..reference import eofd_loss_reference
+from ..synthetic import student_near, teacher_states
 from .shapes import Shape
 
 __all__ = ["BASELINES", "MODES", "make_inputs", "make_step", "providers"]
@@ -53,12 +54,8 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     g = torch.Generator(device=device).manual_seed(seed)
     students, teachers = [], []
     for _ in range(shape.layers):
-        spread = torch.ones(shape.d, device=device)
-        spread[: max(1, shape.d // 256)] = 30.0
-        size = (shape.batch, shape.seq, shape.d)
-        t = torch.randn(size, device=device, generator=g) * spread
-        s = t + 0.5 * torch.randn(size, device=device, generator=g)
-        students.append(s.to(dtype))
+        t = teacher_states((shape.batch, shape.seq, shape.d), g)
+        students.append(student_near(t, g).to(dtype))
         teachers.append(t.to(dtype))
     return students, teachers
 
