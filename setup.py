@@ -10,12 +10,14 @@ import importlib.util
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 _spec = importlib.util.spec_from_file_location(
     "ext_build", Path(__file__).parent / "eofd_kernels" / "ext_build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
+build.configure_cuda_home()  # before cpp_extension reads CUDA_HOME
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _extension():

@@ -11,6 +11,10 @@ Imports nothing from the package, so setup.py can load this file on its own.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +38,46 @@ def sources(cuda: bool) -> list[str]:
     return list(CPU_SOURCES) + [str(p.relative_to(ROOT)) for p in extra]
 
 
+def _nvcc_reported_root(nvcc: str) -> str | None:
+    """The toolkit root nvcc itself uses: its dry run prints ``TOP=<root>/bin/..``, through any
+    wrapper script or symlink (torch guesses the nvcc's grandparent folder, which for a
+    wrapper in /usr/local/bin is /usr/local)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "empty.cu"
+        source.write_text("")
+        try:
+            result = subprocess.run([nvcc, "-dryrun", "-c", str(source), "-o",
+                                     str(Path(tmp) / "empty.o")],
+                                    capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    match = re.search(r"^#\$ TOP=(.+)$", result.stdout + result.stderr, re.M)
+    return str(Path(match.group(1).strip()).resolve()) if match else None
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit root holding ``include/cuda_runtime_api.h``: CUDA_HOME or CUDA_PATH,
+    else the root the nvcc on PATH reports, else /usr/local/cuda; None when there is none.
+    Like flash-attention's setup, it insists on a real toolkit root."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(_nvcc_reported_root(nvcc))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return root
+    return None
+
+
+def configure_cuda_home() -> None:
+    """Point torch.utils.cpp_extension at the real toolkit root; call it before importing
+    that module, which reads CUDA_HOME once at import."""
+    root = find_cuda_home()
+    if root is not None:
+        os.environ["CUDA_HOME"] = root
+
+
 def want_cuda() -> bool:
     """Whether to build the CUDA kernels (EOFD_BUILD_CUDA); says why when it does not."""
     import torch
@@ -45,8 +89,9 @@ def want_cuda() -> bool:
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
-        reasons.append("nvcc / CUDA_HOME not found")
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "include" / "cuda_runtime_api.h").is_file():
+        reasons.append(f"no CUDA toolkit (CUDA_HOME={CUDA_HOME!r} has no "
+                       "include/cuda_runtime_api.h; set CUDA_HOME to the toolkit root)")
     if choice == "1" and reasons:
         raise SystemExit("EOFD_BUILD_CUDA=1 but " + "; ".join(reasons))
     if choice == "0" or reasons:
@@ -64,6 +109,7 @@ def jit_load(verbose: bool = False) -> str:
     For development in a checkout: edit a kernel, rerun, no reinstall. Used instead of the
     installed ``_C`` when ``EOFD_JIT=1``. Returns the loaded library's path.
     """
+    configure_cuda_home()
     from torch.utils.cpp_extension import load
 
     if not (ROOT / CPU_SOURCES[0]).is_file():

@@ -77,13 +77,16 @@ def _signature(launch):
 def _ptxas(ptx: str, arch: int) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # triton < 3.7 takes no arch
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a for arch 90
-        result = subprocess.run([get_ptxas(arch).path, "--verbose", f"-arch={target}", str(path),
-                                 "-o", str(Path(tmp) / "k.cubin")], capture_output=True,
-                                text=True)
+        result = subprocess.run([ptxas, "--verbose", f"-arch={target}", str(path), "-o",
+                                 str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
     report = result.stdout + result.stderr
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", report)
     return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),

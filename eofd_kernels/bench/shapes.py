@@ -73,4 +73,9 @@ PRESETS = {
             + _sweeps("bert-base", (8, 16, 32, 64, 128), (64, 256, 512), 32, 128)
             + _sweeps("flan-t5-xxl", (8, 16, 32), (), 32, 128))),
         dtypes=(torch.float32, torch.bfloat16, torch.float16), reps=30),
+    # The headline points, in a few minutes of GPU time (benchmarks/gpu_check.sh): BERT-base
+    # at B=32, and 32 layers at the Flan-T5-XXL width.
+    "gpu-headline": Preset(
+        shapes=(model_shape("bert-base", 32, 128), Shape("flan-t5-xxl", 32, 8, 128, 4096)),
+        dtypes=(torch.bfloat16,), reps=30),
 }
