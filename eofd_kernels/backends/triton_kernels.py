@@ -131,19 +131,24 @@ def _load_tile(table_row, rows, cols, n, d, S_DTYPE: tl.constexpr, T_DTYPE: tl.c
 
 
 @triton.jit
+def _program_tile(table, BLOCK_D: tl.constexpr):
+    """A (chunk, dim block, layer) program's chunk and layer, its layer's table row, n and d,
+    and its block's dims."""
+    chunk = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(2).to(tl.int64)
+    table_row = table + layer * TABLE_FIELDS
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    return chunk, layer, table_row, tl.load(table_row + N_ROWS), tl.load(table_row + N_DIMS), cols
+
+
+@triton.jit
 def _stats_kernel(
     table, partials, num_chunks, max_d,
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    chunk = tl.program_id(0).to(tl.int64)
-    dblock = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
-    table_row = table + layer * TABLE_FIELDS
-    n = tl.load(table_row + N_ROWS)
-    d = tl.load(table_row + N_DIMS)
-    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    chunk, layer, table_row, n, d, cols = _program_tile(table, BLOCK_D)
     tile_rows = tl.arange(0, BLOCK_N).to(tl.int64)
 
     count = tl.zeros((BLOCK_D,), ACC)
@@ -294,13 +299,7 @@ def _backward_kernel(
     NEED_DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TILES_PER_CHUNK: tl.constexpr, SOFT_BF16: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    chunk = tl.program_id(0).to(tl.int64)
-    dblock = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
-    table_row = table + layer * TABLE_FIELDS
-    n = tl.load(table_row + N_ROWS)
-    d = tl.load(table_row + N_DIMS)
-    cols = dblock * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    chunk, layer, table_row, n, d, cols = _program_tile(table, BLOCK_D)
     col_ok = cols < d
     stats = dim_stats + layer * DIM_FIELDS * max_d + cols
     g = tl.load(grad_losses + layer).to(ACC)
