@@ -12,28 +12,34 @@ from __future__ import annotations
 
 import torch
 
+from .. import layout
 from ..inputs import LayerBatch
 from ..layout import as_rows
 
-__all__ = ["layer_losses_torch", "layer_weights_torch"]
+__all__ = ["layer_losses_torch", "layer_weights_torch", "teacher_dim_stats_torch"]
 
 
 def _pivoted_moments(teacher: torch.Tensor, valid: torch.Tensor | None):
     """Per-dimension deviations from the mean of ``teacher`` ``(n, d)`` over the valid tokens.
 
-    Returns ``(centred (n, d) with 0 on masked rows, n_valid (0-dim))``. Every value is shifted
-    by one actual valid row (the pivot) before the two-pass mean: the shift is exact for
-    outlier dims (Sterbenz), so the mean keeps the digits that ``teacher.std()`` in fp32 loses.
+    Returns ``(centred (n, d) with 0 on masked rows, n_valid (0-dim), pivot (1, d), offset
+    (d,))``, the mean being ``pivot + offset``. Every value is shifted by one actual valid row
+    (the pivot) before the two-pass mean: the shift is exact for outlier dims (Sterbenz), so
+    the mean keeps the digits that ``teacher.std()`` in fp32 loses.
     """
     if valid is None:
         n_valid = torch.tensor(teacher.shape[0], dtype=teacher.dtype, device=teacher.device)
-        shifted = teacher - teacher[:1].detach()
-        return shifted - shifted.mean(dim=0), n_valid
+        pivot = teacher[:1].detach()
+        shifted = teacher - pivot
+        offset = shifted.mean(dim=0)
+        return shifted - offset, n_valid, pivot, offset
     keep = valid[:, None]
     n_valid = valid.sum().to(teacher.dtype)
     first_valid = valid.to(torch.uint8).argmax().reshape(1)
-    shifted = torch.where(keep, teacher - teacher.index_select(0, first_valid).detach(), 0.0)
-    return torch.where(keep, shifted - shifted.sum(dim=0) / n_valid, 0.0), n_valid
+    pivot = teacher.index_select(0, first_valid).detach()
+    shifted = torch.where(keep, teacher - pivot, 0.0)
+    offset = shifted.sum(dim=0) / n_valid
+    return torch.where(keep, shifted - offset, 0.0), n_valid, pivot, offset
 
 
 def _sigma(centred: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -57,7 +63,7 @@ def _weights(sigma: torch.Tensor, power: float, eps: float) -> torch.Tensor:
 
 def _layer_loss(student, teacher, valid, power: float, eps: float, acc: torch.dtype):
     teacher = teacher.to(acc)
-    centred, n_valid = _pivoted_moments(teacher, valid)
+    centred, n_valid, _, _ = _pivoted_moments(teacher, valid)
     weights = _weights(_sigma(centred, n_valid), power, eps)
     diff = student.to(acc) - teacher
     if valid is not None:  # before squaring: square's backward would multiply NaN by 0
@@ -76,11 +82,33 @@ def layer_losses_torch(batch: LayerBatch, power: float, eps: float,
 
 
 @torch.no_grad()
+def teacher_dim_stats_torch(batch: LayerBatch, power: float, eps: float) -> torch.Tensor:
+    """The teachers' per-dim statistics in the fused ops' layout, ``(L, DIM_FIELDS, max d)``
+    float64: count, pivot, mean offset, sigma, weight and the dS coefficient 2 w / (n' d)
+    (the fields that need a student, E and the dT coefficient, are 0)."""
+    max_d = max(t.shape[-1] for t in batch.teachers)
+    stats = torch.zeros(batch.num_layers, layout.DIM_FIELDS, max_d, dtype=torch.float64,
+                        device=batch.teachers[0].device)
+    for i, (t, m) in enumerate(zip(batch.teachers, batch.masks)):
+        rows = as_rows(t).to(batch.result_dtype)
+        d = rows.shape[1]
+        centred, n_valid, pivot, offset = _pivoted_moments(rows, m)
+        sigma = _sigma(centred, n_valid)
+        weights = _weights(sigma, power, eps)
+        for field, value in ((layout.D_COUNT, n_valid), (layout.D_PIVOT, pivot[0]),
+                             (layout.D_MEAN, offset), (layout.D_SIGMA, sigma),
+                             (layout.D_WEIGHT, weights),
+                             (layout.D_COEF_S, 2 * weights / (n_valid * d))):
+            stats[i, field, :d] = value
+    return stats
+
+
+@torch.no_grad()
 def layer_weights_torch(batch: LayerBatch, power: float, eps: float) -> list[torch.Tensor]:
     """The weights ``w_d`` of every layer, ``[(d_l,)]`` in ``batch.result_dtype``."""
     acc = batch.result_dtype
     weights = []
     for t, m in zip(batch.teachers, batch.masks):
-        centred, n_valid = _pivoted_moments(as_rows(t).to(acc), m)
+        centred, n_valid, _, _ = _pivoted_moments(as_rows(t).to(acc), m)
         weights.append(_weights(_sigma(centred, n_valid), power, eps))
     return weights

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..loss import EOFDLoss
+from ..projected_loss import eofd_projected_loss
 from .layer_map import LayerMap
 from .projection import HiddenProjection
 
@@ -78,14 +79,18 @@ class DistillationLoss(nn.Module):
             None when the widths already match.
         power: EOFD's p (0 is plain MSE); hidden_weight: lambda; temperature: tau of ``L_pred``;
         use_logits: add ``L_pred`` (both outputs must have ``logits``);
-        eps, backend: passed to :func:`eofd_kernels.eofd_loss`.
+        eps, backend: passed to :func:`eofd_kernels.eofd_loss`;
+        fuse_projection: compute the projections inside the loss
+            (:func:`eofd_kernels.eofd_projected_loss`: the projected states are never all
+            alive) when every mapped stack has a projection. Default: on, except for
+            ``backend="reference"``, which stays the paper's code on projected states.
     """
 
     def __init__(self, layer_map: LayerMap, projection: HiddenProjection | None = None, *,
                  decoder_layer_map: LayerMap | None = None,
                  decoder_projection: HiddenProjection | None = None, power: float = 0.5,
                  hidden_weight: float = 1.0, temperature: float = 1.0, use_logits: bool = True,
-                 eps: float = 0.0, backend: str = "auto"):
+                 eps: float = 0.0, backend: str = "auto", fuse_projection: bool | None = None):
         super().__init__()
         for name, pairs, proj in (("layer_map", layer_map, projection),
                                   ("decoder_layer_map", decoder_layer_map, decoder_projection)):
@@ -100,6 +105,8 @@ class DistillationLoss(nn.Module):
         self.use_logits = use_logits
         # Per-layer losses for logging; the module also owns the forecast of their grads.
         self.eofd = EOFDLoss(power=power, reduction="none", eps=eps, backend=backend)
+        self.fuse_projection = (backend != "reference" if fuse_projection is None
+                                else fuse_projection)
 
     def _sides(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
         """Yield (tag, layer map, projection, student states, teacher states, mask)."""
@@ -121,18 +128,27 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student_out, teacher_out, attention_mask: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None) -> DistillationOutput:
-        students, teachers, masks, names = [], [], [], []
+        picked, projections, teachers, masks, names = [], [], [], [], []
         for tag, pairs, proj, s_states, t_states, mask in self._sides(
                 student_out, teacher_out, attention_mask, decoder_attention_mask):
             if s_states is None:
                 raise ValueError("student_out: no hidden states; call the model with "
                                  "output_hidden_states=True")
-            picked = [s_states[s] for s, _ in pairs]
-            students += picked if proj is None else proj(picked)
+            picked.append([s_states[s] for s, _ in pairs])
+            projections.append(proj)
             teachers += [t_states[t] for _, t in pairs]
             masks += [mask] * len(pairs)
             names += [f"{tag} {s}<-{t}".strip() for s, t in pairs]
-        layer_losses = self.eofd(students, teachers, mask=masks)
+        if self.fuse_projection and all(p is not None for p in projections):
+            maps = [m for proj, states in zip(projections, picked) for m in proj.layer_maps()]
+            layer_losses = eofd_projected_loss(
+                [h for states in picked for h in states], [m.weight for m in maps],
+                [m.bias for m in maps], teachers, power=self.eofd.power, mask=masks,
+                reduction="none", eps=self.eofd.eps, backend=self.eofd.backend)
+        else:
+            students = [h for proj, states in zip(projections, picked)
+                        for h in (states if proj is None else proj(states))]
+            layer_losses = self.eofd(students, teachers, mask=masks)
         hidden = layer_losses.sum()
         pred = hidden.new_zeros(())
         if self.use_logits:
@@ -155,4 +171,4 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer_map={self.layer_map}, decoder_layer_map={self.decoder_layer_map}, "
                 f"hidden_weight={self.hidden_weight}, temperature={self.temperature}, "
-                f"use_logits={self.use_logits}")
+                f"use_logits={self.use_logits}, fuse_projection={self.fuse_projection}")

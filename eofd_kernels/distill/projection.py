@@ -32,13 +32,15 @@ class HiddenProjection(nn.Module):
         self.maps = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=bias)
                                   for _ in range(count))
 
+    def layer_maps(self) -> list[nn.Linear]:
+        """The map of each of the ``num_layers`` layers (the same one for all when shared)."""
+        return [self.maps[0]] * self.num_layers if self.shared else list(self.maps)
+
     def forward(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(hidden) != self.num_layers:
             raise ValueError(f"hidden: expected {self.num_layers} hidden states, got "
                              f"{len(hidden)}")
-        if self.shared:
-            return [self.maps[0](h) for h in hidden]
-        return [proj(h) for proj, h in zip(self.maps, hidden)]
+        return [proj(h) for proj, h in zip(self.layer_maps(), hidden)]
 
 
 def attach_projection(student: nn.Module, projection: HiddenProjection,

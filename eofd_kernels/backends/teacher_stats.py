@@ -1,0 +1,34 @@
+"""The teachers' per-dim statistics alone, from the backend a call would use.
+
+For users of the statistics that need no student: the fused projection (the weights depend on
+the teacher alone) and reports. The fused backends run their forward op with the teacher on
+both sides (sigma_d comes from their statistics pass; E_d is 0); the torch and reference
+backends compute the same fields with the torch backend's pivoted two-pass moments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inputs import LayerBatch
+from . import pick_backend
+from .op_autograd import promote_layers
+from .torch_backend import teacher_dim_stats_torch
+
+__all__ = ["teacher_dim_stats"]
+
+
+@torch.no_grad()
+def teacher_dim_stats(batch: LayerBatch, power: float, eps: float, backend: str) -> torch.Tensor:
+    """``(L, DIM_FIELDS, max d)`` float64 (layout.py) for ``batch.teachers`` and masks."""
+    name = pick_backend(backend, batch.teachers[0].device)
+    teachers = promote_layers(batch.teachers)
+    if name == "ext":
+        from . import ext_backend  # noqa: F401  (registers the ops' fake impls and autograd)
+
+        return torch.ops.eofd_ext.forward(teachers, teachers, batch.masks, power, eps)[1]
+    if name == "triton":
+        from .triton_backend import triton_forward
+
+        return triton_forward(teachers, teachers, batch.masks, power, eps)[1]
+    return teacher_dim_stats_torch(batch, power, eps)

@@ -1,0 +1,215 @@
+"""``eofd_projected_loss``: the student's projection ``S = X Wᵀ + b`` fused into the loss.
+
+Autograd would keep every projected state S (and build dS) for the backward: for a
+Flan-T5-XXL teacher (d = 4096) over 24 mapped layers that is gigabytes the student needs.
+EOFD allows better: the weights w_d depend on the teacher alone, so once the teacher's
+per-dim statistics are known (one read of T, ``backends/teacher_stats.py``), every chunk of
+rows yields its share of the loss and, linear in the incoming grad g, its gradients at once:
+
+    S_c  = X_c Wᵀ + b                       (a chunk of rows; thrown away after the chunk)
+    dS_c = c_d (S_c - T_c)                  c_d = 2 w_d / (n' d), 0 on masked rows
+    dX_c = dS_c W,   dW += dS_cᵀ X_c,   db += Σ_rows dS_c,   E_d += Σ_rows (S_c - T_c)²
+
+The backward only scales the stored gradients by g. Same matmuls as projecting and then
+calling ``eofd_loss`` (one forward, two backward), and peak extra memory of a chunk instead of
+L × n × d_t. With a teacher that needs a gradient, dT = g (-dS + coef_t (T - mu)) takes one
+more pass over T once E_d is complete (docs/design.md, "Gradients").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import layout
+from .backends.teacher_stats import teacher_dim_stats
+from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
+
+__all__ = ["eofd_projected_loss"]
+
+# Rows per chunk by default: a chunk's projected states hold about this many elements.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _per_layer(x, num_layers: int, name: str, optional: bool = False) -> list:
+    """One tensor for every layer, a sequence of them, or (optional) None."""
+    if x is None and optional:
+        return [None] * num_layers
+    if isinstance(x, Tensor):
+        return [x] * num_layers
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and len(x) == num_layers:
+        for i, item in enumerate(x):
+            if not (isinstance(item, Tensor) or (optional and item is None)):
+                raise TypeError(f"{name}[{i}]: expected a tensor, got {type(item).__name__}")
+        return list(x)
+    raise TypeError(f"{name}: expected a tensor or a sequence of {num_layers} tensors"
+                    f"{' (or None)' if optional else ''}, got {type(x).__name__}")
+
+
+def _check_layer(i: int, x: Tensor, w: Tensor, b: Tensor | None, t: Tensor) -> None:
+    if w.dim() != 2 or w.shape[0] != t.shape[-1] or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"layer {i}: weight must be (teacher width {t.shape[-1]}, student "
+                         f"width {x.shape[-1]}), got {tuple(w.shape)}")
+    if b is not None and b.shape != (t.shape[-1],):
+        raise ValueError(f"layer {i}: bias must be ({t.shape[-1]},), got {tuple(b.shape)}")
+    if x.shape[:-1] != t.shape[:-1]:
+        raise ValueError(f"layer {i}: student_hidden {tuple(x.shape)} and teacher "
+                         f"{tuple(t.shape)} must have the same leading (token) shape")
+    if not x.is_floating_point():
+        raise TypeError(f"layer {i}: student_hidden must be floating point, got {x.dtype}")
+    devices = {x.device, w.device, t.device} | ({b.device} if b is not None else set())
+    if len(devices) > 1:
+        raise ValueError(f"layer {i}: student_hidden, weight, bias and teacher must be on one "
+                         f"device, got {sorted(map(str, devices))}")
+
+
+class _LayerGrads:
+    """The gradients of one layer's loss for g = 1, filled chunk by chunk."""
+
+    def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, needs: tuple):
+        need_x, need_w, need_b, need_t = needs
+        self.x = torch.empty_like(x) if need_x else None
+        self.w = torch.zeros_like(w) if need_w else None
+        self.b = torch.zeros_like(b) if need_b and b is not None else None
+        self.t = torch.empty_like(t) if need_t else None
+
+
+def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, needs,
+           acc: torch.dtype):
+    """One layer's loss (0-dim, ``acc``) and its gradients for g = 1 (None when not needed).
+
+    x ``(n, d_s)``, t ``(n, d_t)`` rows; valid ``(n,)`` bool or None; stats the layer's
+    ``(DIM_FIELDS, max d)`` teacher statistics.
+    """
+    n, d = t.shape
+    coef_s = stats[layout.D_COEF_S, :d].to(acc)
+    grads = _LayerGrads(x, w, b, t, needs) if any(needs) else None
+    sq_err = torch.zeros(d, dtype=torch.float64, device=t.device)
+    for r0 in range(0, n, chunk_rows):
+        rows = slice(r0, min(r0 + chunk_rows, n))
+        x_c = x[rows]
+        diff = F.linear(x_c, w, b).to(acc) - t[rows].to(acc)
+        if valid is not None:
+            diff = torch.where(valid[rows, None], diff, 0.0)
+        sq_err += diff.square().sum(dim=0).double()
+        if grads is None:
+            continue
+        d_s = diff * coef_s
+        if grads.x is not None:
+            grads.x[rows] = d_s.to(w.dtype) @ w
+        if grads.w is not None:
+            grads.w += d_s.t().to(x_c.dtype) @ x_c
+        if grads.b is not None:
+            grads.b += d_s.sum(dim=0).to(grads.b.dtype)
+        if grads.t is not None:
+            grads.t[rows] = -d_s
+    weight = stats[layout.D_WEIGHT, :d]
+    n_valid = stats[layout.D_COUNT, 0]
+    weighted = (weight * sq_err).sum()
+    loss = (weighted / (n_valid * d)).to(acc)
+    if grads is not None and grads.t is not None:
+        _add_teacher_term(grads.t, t, valid, stats, sq_err, weighted, power, eps, chunk_rows)
+    return loss, grads
+
+
+def _add_teacher_term(d_t, t, valid, stats, sq_err, weighted, power, eps, chunk_rows):
+    """dT += coef_t (T - mu) on valid rows, coef_t = G_d / ((n' - 1) sigma_d) (0 where
+    sigma_d = 0: docs/design.md, "Degenerate dims")."""
+    n, d = t.shape
+    sigma, weight = stats[layout.D_SIGMA, :d], stats[layout.D_WEIGHT, :d]
+    n_valid = stats[layout.D_COUNT, 0]
+    scale = sigma.mean() + eps
+    g_d = power / (n_valid * d) * (weight * sq_err / sigma - weighted / (d * scale))
+    coef_t = torch.where(sigma == 0, 0.0, g_d / ((n_valid - 1) * sigma)).to(d_t.dtype)
+    pivot = stats[layout.D_PIVOT, :d].to(d_t.dtype)
+    mean = stats[layout.D_MEAN, :d].to(d_t.dtype)
+    for r0 in range(0, n, chunk_rows):
+        rows = slice(r0, min(r0 + chunk_rows, n))
+        term = coef_t * ((t[rows].to(d_t.dtype) - pivot) - mean)
+        if valid is not None:
+            term = torch.where(valid[rows, None], term, 0.0)
+        d_t[rows] += term
+
+
+class _ProjectedLayerLosses(torch.autograd.Function):
+    """apply(config, L, *xs, *ws, *bs, *ts) -> (L,) losses; config = (masks, stats, power,
+    eps, chunk_rows, acc, want_grads). Gradients are computed in the forward for g = 1 (when
+    the call records a graph) and scaled by the incoming grads in the backward."""
+
+    @staticmethod
+    def forward(ctx, config, num_layers, *tensors):
+        masks, stats, power, eps, chunk_rows, acc, want_grads = config
+        xs, ws, bs, ts = (list(tensors[i * num_layers:(i + 1) * num_layers]) for i in range(4))
+        needs = [want_grads and need for need in ctx.needs_input_grad[2:]]
+        losses, ctx.grads = [], []
+        for i in range(num_layers):
+            layer_needs = tuple(needs[k * num_layers + i] for k in range(4))
+            loss, grads = _layer(layout.as_rows(xs[i]), ws[i], bs[i], layout.as_rows(ts[i]),
+                                 masks[i], stats[i], power, eps, chunk_rows, layer_needs, acc)
+            losses.append(loss)
+            ctx.grads.append(grads)
+        ctx.shapes = [(x.shape, t.shape) for x, t in zip(xs, ts)]
+        return torch.stack(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        if torch.is_grad_enabled():
+            raise RuntimeError("eofd_projected_loss: double backward (create_graph=True) is not "
+                               "supported; project first and call eofd_loss for that")
+        if ctx.grads is None:
+            raise RuntimeError("eofd_projected_loss: backward through the same graph twice is "
+                               "not supported (its gradients were handed out already)")
+        columns = [[], [], [], []]
+        for i, (grads, (x_shape, t_shape)) in enumerate(zip(ctx.grads, ctx.shapes)):
+            g = grad_losses[i]
+            for k, (grad, shape) in enumerate(((grads.x, x_shape), (grads.w, None),
+                                               (grads.b, None), (grads.t, t_shape))
+                                              if grads is not None else [(None, None)] * 4):
+                if grad is not None:
+                    grad = grad.mul_(g.to(grad.dtype))
+                    grad = grad.view(shape) if shape is not None else grad
+                columns[k].append(grad)
+        ctx.grads = None
+        return (None, None, *columns[0], *columns[1], *columns[2], *columns[3])
+
+
+def eofd_projected_loss(student_hidden, weight, bias, teacher, *, power: float = 0.5,
+                        mask=None, layer_weights=None, reduction: str = "sum", eps: float = 0.0,
+                        backend: str = "auto", chunk_rows: int | None = None) -> Tensor:
+    """EOFD loss of ``S = X Wᵀ + b`` against the teacher, never holding every S at once.
+
+    Args:
+        student_hidden: ``X`` ``(..., d_s)`` per layer (a tensor or a sequence).
+        weight: ``W`` ``(d_t, d_s)``: one tensor for every layer, or one per layer.
+        bias: ``b`` ``(d_t,)``: None, one tensor, or one per layer (None entries allowed).
+        teacher: ``T`` ``(..., d_t)`` per layer, the leading shape of ``X``.
+        power, mask, layer_weights, reduction, eps: as in :func:`eofd_kernels.eofd_loss`.
+        backend: which backend computes the teacher's statistics.
+        chunk_rows: token rows projected at a time (default: about 2M elements of S).
+
+    Returns:
+        The same loss as projecting each layer and calling ``eofd_loss`` (float32, float64
+        for float64 inputs), differentiable in X, W, b and the teacher.
+    """
+    teachers = prepare_layers(teacher, teacher, mask, names=("teacher", "teacher"))
+    num_layers = teachers.num_layers
+    xs = _per_layer(student_hidden, num_layers, "student_hidden")
+    ws = _per_layer(weight, num_layers, "weight")
+    bs = _per_layer(bias, num_layers, "bias", optional=True)
+    for i, (x, w, b, t) in enumerate(zip(xs, ws, bs, teachers.teachers)):
+        _check_layer(i, x, w, b, t)
+    power, eps = check_power_eps(power, eps)
+    reduction = check_reduction(reduction)
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // max(t.shape[-1] for t in teachers.teachers))
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
+    stats = teacher_dim_stats(teachers, power, eps, backend)
+    wide = any(x.dtype == torch.float64 for x in xs + teachers.teachers)
+    config = (teachers.masks, stats, power, eps, chunk_rows,
+              torch.float64 if wide else torch.float32, torch.is_grad_enabled())
+    losses = _ProjectedLayerLosses.apply(config, num_layers, *xs, *ws, *bs, *teachers.teachers)
+    return reduce_layers(losses, layer_weights, reduction)
