@@ -16,6 +16,7 @@ from .backends import check_backend, resolve_backend
 from .backends.grad_ahead import GradAhead
 from .backends.torch_backend import layer_weights_torch
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
+from .merged_stats import group_layer_losses, group_teacher_weights
 
 __all__ = ["EOFDLoss", "eofd_loss", "teacher_weights"]
 
@@ -29,21 +30,28 @@ def _under_functorch(batch) -> bool:
                for x in batch.students + batch.teachers)
 
 
-def _layer_losses(student, teacher, mask, power, eps, backend, grad_ahead) -> torch.Tensor:
+def _layer_losses(student, teacher, mask, power, eps, backend, grad_ahead,
+                  process_group=None, weights=None) -> torch.Tensor:
     batch = prepare_layers(student, teacher, mask)
     power, eps = check_power_eps(power, eps)
     device = batch.teachers[0].device
     if _under_functorch(batch):
         name = check_backend(backend)
-        if name in ("triton", "ext"):
-            raise RuntimeError(f"backend={name!r} does not support torch.func transforms "
-                               "(vmap, grad, jacrev, ...); use backend='torch' or 'auto'")
+        if name in ("triton", "ext") or process_group is not None or weights is not None:
+            feature = (f"backend={name!r}" if name in ("triton", "ext")
+                       else "process_group / weights")
+            raise RuntimeError(f"{feature} does not support torch.func transforms (vmap, grad, "
+                               "jacrev, ...); use backend='torch' (or 'auto') without them")
         return resolve_backend("torch" if name == "auto" else name, device)(batch, power, eps)
+    if process_group is not None or weights is not None:
+        return group_layer_losses(batch, power, eps, check_backend(backend), process_group,
+                                  weights)
     return resolve_backend(backend, device)(batch, power, eps, grad_ahead)
 
 
 def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=None,
-              reduction: str = "sum", eps: float = 0.0, backend: str = "auto") -> torch.Tensor:
+              reduction: str = "sum", eps: float = 0.0, backend: str = "auto",
+              process_group=None, weights=None) -> torch.Tensor:
     """EOFD loss over one or several distilled layers (docs/design.md, "The math").
 
     Args:
@@ -58,6 +66,13 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
         reduction: ``"sum"`` or ``"mean"`` over layers (0-dim result), or ``"none"`` (``(L,)``).
         eps: added to sbar; 0 is exactly the paper.
         backend: ``"auto"``, ``"triton"``, ``"ext"``, ``"torch"`` or ``"reference"``.
+        process_group: a ``torch.distributed`` group whose ranks each pass their own tokens of
+            one batch: the loss is the whole batch's, the same on every rank, and the backward
+            gives each rank ``world_size x`` the gradient with respect to its S and T (so DDP's
+            averaging gives the single-process gradient). One small collective per call.
+        weights: precomputed ``w_d`` per layer (``(d,)`` tensors, e.g. ``teacher_weights`` of
+            a whole optimizer batch) used instead of this call's: no gradient reaches the
+            teacher through them. The loss still divides by this call's valid tokens.
 
     Returns:
         float32 (float64 when an input is float64) loss. Stateless: a training loop that
@@ -65,7 +80,8 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
         the incoming grads lets the forward write dS).
     """
     reduction = check_reduction(reduction)
-    losses = _layer_losses(student, teacher, mask, power, eps, backend, None)
+    losses = _layer_losses(student, teacher, mask, power, eps, backend, None, process_group,
+                           weights)
     return reduce_layers(losses, layer_weights, reduction)
 
 
@@ -79,16 +95,18 @@ class EOFDLoss(nn.Module):
     """
 
     def __init__(self, power: float = 0.5, reduction: str = "sum", eps: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None):
         super().__init__()
         self.power, self.eps = check_power_eps(power, eps)
         self.reduction = check_reduction(reduction)
         self.backend = check_backend(backend)
+        self.process_group = process_group
         self.grad_ahead = GradAhead()
 
-    def forward(self, student, teacher, mask=None, layer_weights=None) -> torch.Tensor:
+    def forward(self, student, teacher, mask=None, layer_weights=None,
+                weights=None) -> torch.Tensor:
         losses = _layer_losses(student, teacher, mask, self.power, self.eps, self.backend,
-                               self.grad_ahead)
+                               self.grad_ahead, self.process_group, weights)
         return reduce_layers(losses, layer_weights, self.reduction)
 
     def extra_repr(self) -> str:
@@ -96,10 +114,17 @@ class EOFDLoss(nn.Module):
                 f"backend={self.backend!r}")
 
 
-def teacher_weights(teacher, *, power: float = 0.5, mask=None, eps: float = 0.0):
-    """The weights ``w_d`` (no grad): a ``(d,)`` tensor for one layer, else a list of them."""
+def teacher_weights(teacher, *, power: float = 0.5, mask=None, eps: float = 0.0,
+                    process_group=None):
+    """The weights ``w_d`` (no grad): a ``(d,)`` tensor for one layer, else a list of them.
+
+    With a ``process_group``, of the whole batch whose tokens the ranks hold between them.
+    """
     power, eps = check_power_eps(power, eps)
     batch = prepare_layers(teacher, teacher, mask, names=("teacher", "teacher"))
-    weights = layer_weights_torch(batch, power, eps)
+    if process_group is None:
+        weights = layer_weights_torch(batch, power, eps)
+    else:
+        weights = group_teacher_weights(batch, power, eps, process_group)
     return weights[0] if isinstance(teacher, torch.Tensor) else weights
 

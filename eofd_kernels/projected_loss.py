@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import layout
+from .backends import pick_backend
 from .backends.teacher_stats import teacher_dim_stats
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
 
 __all__ = ["eofd_projected_loss"]
 
-# Rows per chunk by default: a chunk's projected states hold about this many elements.
-CHUNK_ELEMENTS = 1 << 21
+# Rows per chunk by default: a chunk's projected states hold about this many elements (16 MB
+# in fp32). Larger chunks mean fewer in-place dW updates (each reads and writes all of dW);
+# the bound on memory is a chunk, whatever the layer count.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _per_layer(x, num_layers: int, name: str, optional: bool = False) -> list:
@@ -72,40 +75,83 @@ class _LayerGrads:
     def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, needs: tuple):
         need_x, need_w, need_b, need_t = needs
         self.x = torch.empty_like(x) if need_x else None
-        self.w = torch.zeros_like(w) if need_w else None
-        self.b = torch.zeros_like(b) if need_b and b is not None else None
+        self.w = torch.empty_like(w) if need_w else None
+        self.b = torch.empty_like(b) if need_b and b is not None else None
         self.t = torch.empty_like(t) if need_t else None
+
+    def add_chunk(self, rows: slice, x_c: Tensor, w: Tensor, d_s: Tensor) -> None:
+        """The chunk's share: its dX rows and -dS rows of dT, and dW and db summed in place
+        (outside autocast, BLAS with beta = 1: no temporary the size of W per chunk)."""
+        first = rows.start == 0
+        device_type = d_s.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        d_s_mm = d_s.to(torch.get_autocast_dtype(device_type) if autocast else w.dtype)
+        if self.x is not None:
+            self.x[rows] = d_s_mm @ w
+        if self.w is not None:
+            if autocast:  # bf16/fp16 products, summed into the fp32 gradient
+                product = d_s_mm.t() @ x_c
+                self.w.copy_(product) if first else self.w.add_(product)
+            elif first:
+                torch.mm(d_s_mm.t(), x_c, out=self.w)
+            else:
+                self.w.addmm_(d_s_mm.t(), x_c)
+        if self.b is not None:
+            column_sums = (d_s.new_ones(d_s.shape[0]) @ d_s).to(self.b.dtype)
+            self.b.copy_(column_sums) if first else self.b.add_(column_sums)
+        if self.t is not None:
+            self.t[rows] = -d_s
+
+
+class _ChunkOps:
+    """The elementwise part of a chunk through the backend's kernels: the chunk's E_d, and
+    dS for g = 1 from the layer's coefficients (``stats``: its ``(1, DIM_FIELDS, d)``)."""
+
+    def __init__(self, backend: str, stats: Tensor):
+        self.stats = stats
+        if backend == "ext":
+            self.forward, self.backward = torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
+        elif backend == "triton":
+            from .backends.triton_backend import triton_backward, triton_forward
+
+            self.forward, self.backward = triton_forward, triton_backward
+        else:  # torch, reference: plain torch ops
+            self.forward = self.backward = None
+
+    def __call__(self, s: Tensor, t: Tensor, valid: Tensor | None, acc: torch.dtype):
+        """``(E_d (d,) float64, dS (rows, d))`` of one chunk (dS 0 on masked rows)."""
+        if self.forward is None:
+            diff = s.to(acc) - t.to(acc)
+            if valid is not None:
+                diff = torch.where(valid[:, None], diff, 0.0)
+            coef_s = self.stats[0, layout.D_COEF_S].to(acc)
+            return diff.square().sum(dim=0).double(), diff * coef_s
+        if not s.dtype == t.dtype == acc:  # the kernels read one dtype: the accumulation's
+            s, t = s.to(acc), t.to(acc)
+        sq_err = self.forward([s], [t], [valid], 0.0, 0.0)[1][0, layout.D_SQ_ERR]
+        d_s = self.backward(self.stats.new_ones(1), [s], [t], [valid], self.stats, False)[0][0]
+        return sq_err, d_s
 
 
 def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, needs,
-           acc: torch.dtype):
+           acc: torch.dtype, backend: str):
     """One layer's loss (0-dim, ``acc``) and its gradients for g = 1 (None when not needed).
 
     x ``(n, d_s)``, t ``(n, d_t)`` rows; valid ``(n,)`` bool or None; stats the layer's
     ``(DIM_FIELDS, max d)`` teacher statistics.
     """
     n, d = t.shape
-    coef_s = stats[layout.D_COEF_S, :d].to(acc)
+    chunk_ops = _ChunkOps(backend, stats[None, :, :d].contiguous())
     grads = _LayerGrads(x, w, b, t, needs) if any(needs) else None
     sq_err = torch.zeros(d, dtype=torch.float64, device=t.device)
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         x_c = x[rows]
-        diff = F.linear(x_c, w, b).to(acc) - t[rows].to(acc)
-        if valid is not None:
-            diff = torch.where(valid[rows, None], diff, 0.0)
-        sq_err += diff.square().sum(dim=0).double()
-        if grads is None:
-            continue
-        d_s = diff * coef_s
-        if grads.x is not None:
-            grads.x[rows] = d_s.to(w.dtype) @ w
-        if grads.w is not None:
-            grads.w += d_s.t().to(x_c.dtype) @ x_c
-        if grads.b is not None:
-            grads.b += d_s.sum(dim=0).to(grads.b.dtype)
-        if grads.t is not None:
-            grads.t[rows] = -d_s
+        chunk_sq_err, d_s = chunk_ops(F.linear(x_c, w, b), t[rows],
+                                      None if valid is None else valid[rows], acc)
+        sq_err += chunk_sq_err
+        if grads is not None:
+            grads.add_chunk(rows, x_c, w, d_s)
     weight = stats[layout.D_WEIGHT, :d]
     n_valid = stats[layout.D_COUNT, 0]
     weighted = (weight * sq_err).sum()
@@ -141,14 +187,15 @@ class _ProjectedLayerLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, config, num_layers, *tensors):
-        masks, stats, power, eps, chunk_rows, acc, want_grads = config
+        masks, stats, power, eps, chunk_rows, acc, want_grads, backend = config
         xs, ws, bs, ts = (list(tensors[i * num_layers:(i + 1) * num_layers]) for i in range(4))
         needs = [want_grads and need for need in ctx.needs_input_grad[2:]]
         losses, ctx.grads = [], []
         for i in range(num_layers):
             layer_needs = tuple(needs[k * num_layers + i] for k in range(4))
             loss, grads = _layer(layout.as_rows(xs[i]), ws[i], bs[i], layout.as_rows(ts[i]),
-                                 masks[i], stats[i], power, eps, chunk_rows, layer_needs, acc)
+                                 masks[i], stats[i], power, eps, chunk_rows, layer_needs, acc,
+                                 backend)
             losses.append(loss)
             ctx.grads.append(grads)
         ctx.shapes = [(x.shape, t.shape) for x, t in zip(xs, ts)]
@@ -169,7 +216,12 @@ class _ProjectedLayerLosses(torch.autograd.Function):
                                                (grads.b, None), (grads.t, t_shape))
                                               if grads is not None else [(None, None)] * 4):
                 if grad is not None:
-                    grad = grad.mul_(g.to(grad.dtype))
+                    # Eager CPU: reading g costs nothing, and g = 1 (a loss backwarded as
+                    # is) saves a pass over dX and dW; a GPU, or a traced graph, scales
+                    # without asking (no sync, no data-dependent branch).
+                    if (g.device.type != "cpu" or torch.compiler.is_compiling()
+                            or g.item() != 1.0):
+                        grad.mul_(g.to(grad.dtype))
                     grad = grad.view(shape) if shape is not None else grad
                 columns[k].append(grad)
         ctx.grads = None
@@ -207,9 +259,10 @@ def eofd_projected_loss(student_hidden, weight, bias, teacher, *, power: float =
         chunk_rows = max(1, CHUNK_ELEMENTS // max(t.shape[-1] for t in teachers.teachers))
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
+    backend = pick_backend(backend, teachers.teachers[0].device)
     stats = teacher_dim_stats(teachers, power, eps, backend)
     wide = any(x.dtype == torch.float64 for x in xs + teachers.teachers)
     config = (teachers.masks, stats, power, eps, chunk_rows,
-              torch.float64 if wide else torch.float32, torch.is_grad_enabled())
+              torch.float64 if wide else torch.float32, torch.is_grad_enabled(), backend)
     losses = _ProjectedLayerLosses.apply(config, num_layers, *xs, *ws, *bs, *teachers.teachers)
     return reduce_layers(losses, layer_weights, reduction)

@@ -16,7 +16,8 @@ from .. import layout
 from ..inputs import LayerBatch
 from ..layout import as_rows
 
-__all__ = ["layer_losses_torch", "layer_weights_torch", "teacher_dim_stats_torch"]
+__all__ = ["backward_torch", "layer_losses_torch", "layer_weights_torch",
+           "teacher_dim_stats_torch"]
 
 
 def _pivoted_moments(teacher: torch.Tensor, valid: torch.Tensor | None):
@@ -112,3 +113,26 @@ def layer_weights_torch(batch: LayerBatch, power: float, eps: float) -> list[tor
         centred, n_valid, _, _ = _pivoted_moments(as_rows(t).to(acc), m)
         weights.append(_weights(_sigma(centred, n_valid), power, eps))
     return weights
+
+
+@torch.no_grad()
+def backward_torch(grad_losses, students, teachers, masks, dim_stats, need_teacher_grad: bool):
+    """The fused ops' backward in torch ops, from the same ``dim_stats``: dS per layer, and
+    dT per layer when ``need_teacher_grad`` (else ``[]``); 0 on masked rows."""
+    d_students, d_teachers = [], []
+    for i, (s, t, m) in enumerate(zip(students, teachers, masks)):
+        acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+        rows_s, rows_t = as_rows(s).to(acc), as_rows(t).to(acc)
+        stats = dim_stats[i, :, :rows_t.shape[1]].to(acc)
+        g = grad_losses[i].to(acc)
+        d_s = g * stats[layout.D_COEF_S] * (rows_s - rows_t)
+        if m is not None:
+            d_s = torch.where(m[:, None], d_s, 0.0)
+        d_students.append(d_s.to(s.dtype).reshape(s.shape))
+        if need_teacher_grad:
+            deviation = (rows_t - stats[layout.D_PIVOT]) - stats[layout.D_MEAN]
+            d_t = g * stats[layout.D_COEF_T] * deviation - d_s
+            if m is not None:
+                d_t = torch.where(m[:, None], d_t, 0.0)
+            d_teachers.append(d_t.to(t.dtype).reshape(t.shape))
+    return d_students, d_teachers

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .projection import SHAPES as PROJECTION_SHAPES
 from .providers import MODES, providers
 from .shapes import MODELS, PRESETS, Preset
 from .sweep import device_name, environment, run_sweep
@@ -31,6 +32,11 @@ def add_parser(commands) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed reps per point")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--fused-projection", nargs="*", metavar="SHAPE", default=None,
+                   choices=sorted(PROJECTION_SHAPES),
+                   help="instead of the sweep: the projection fused into the loss against "
+                        "projecting first, time and peak memory (default shapes: all of "
+                        f"{sorted(PROJECTION_SHAPES)})")
 
 
 def _preset(args, device: torch.device) -> tuple[str, Preset]:
@@ -43,10 +49,25 @@ def _preset(args, device: torch.device) -> tuple[str, Preset]:
     return name, Preset(shapes, dtypes, preset.reps)
 
 
+def _run_fused_projection(args, device: torch.device, out: Path) -> int:
+    from . import projection
+
+    keys = args.fused_projection or list(PROJECTION_SHAPES)
+    records = projection.run_fused_projection(keys, device, reps=args.reps or 5)
+    meta = environment(device, "fused-projection")
+    projection.write(records, meta, out)
+    print(projection.markdown(records, meta))
+    print(f"wrote {out / 'fused_projection.md'}, {out / 'fused_projection.json'}")
+    return 0
+
+
 def run(args) -> int:
     from .report import device_slug, markdown, plot, write_json
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fused_projection is not None:
+        out = args.out or Path("benchmarks/results") / device_slug(device_name(device))
+        return _run_fused_projection(args, device, out)
     name, preset = _preset(args, device)
     known = providers(device)
     unknown = [p for p in args.providers or [] if p not in known]

@@ -84,13 +84,16 @@ class DistillationLoss(nn.Module):
             (:func:`eofd_kernels.eofd_projected_loss`: the projected states are never all
             alive) when every mapped stack has a projection. Default: on, except for
             ``backend="reference"``, which stays the paper's code on projected states.
+        process_group: split batches (see :func:`eofd_kernels.eofd_loss`); the projections
+            are then applied first (the fused projection has no split-batch mode).
     """
 
     def __init__(self, layer_map: LayerMap, projection: HiddenProjection | None = None, *,
                  decoder_layer_map: LayerMap | None = None,
                  decoder_projection: HiddenProjection | None = None, power: float = 0.5,
                  hidden_weight: float = 1.0, temperature: float = 1.0, use_logits: bool = True,
-                 eps: float = 0.0, backend: str = "auto", fuse_projection: bool | None = None):
+                 eps: float = 0.0, backend: str = "auto", fuse_projection: bool | None = None,
+                 process_group=None):
         super().__init__()
         for name, pairs, proj in (("layer_map", layer_map, projection),
                                   ("decoder_layer_map", decoder_layer_map, decoder_projection)):
@@ -104,9 +107,12 @@ class DistillationLoss(nn.Module):
         self.hidden_weight, self.temperature = hidden_weight, temperature
         self.use_logits = use_logits
         # Per-layer losses for logging; the module also owns the forecast of their grads.
-        self.eofd = EOFDLoss(power=power, reduction="none", eps=eps, backend=backend)
-        self.fuse_projection = (backend != "reference" if fuse_projection is None
-                                else fuse_projection)
+        self.eofd = EOFDLoss(power=power, reduction="none", eps=eps, backend=backend,
+                             process_group=process_group)
+        if fuse_projection and process_group is not None:
+            raise ValueError("fuse_projection: not available with a process_group")
+        self.fuse_projection = (backend != "reference" and process_group is None
+                                if fuse_projection is None else fuse_projection)
 
     def _sides(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
         """Yield (tag, layer map, projection, student states, teacher states, mask)."""
