@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .backends import BACKENDS
@@ -33,6 +34,24 @@ def _add_distill(commands) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes to train with (DDP through torchrun; gloo on CPU); the "
+                        "global batch stays --batch-size")
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """``eofd-kernels distill --nproc N``: the same command under torchrun, N processes."""
+    import subprocess
+
+    rest, args = [], iter(argv)
+    for arg in args:
+        if arg == "--nproc":
+            next(args, None)  # and its value
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "eofd_kernels", *rest]
+    return subprocess.run(command, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench_cli.run(args)
     if args.command == "distill":
         from .distill.run import DistillConfig, run_distill
+
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _relaunch_with_torchrun(args.nproc, list(argv if argv is not None
+                                                            else sys.argv[1:]))
 
         fields = DistillConfig.__dataclass_fields__
         outcome = run_distill(DistillConfig(**{k: v for k, v in vars(args).items()

@@ -61,3 +61,12 @@ def test_distill_runs_and_compares(capsys):
         assert 0 < top_fvu and 0 < all_fvu and -1 <= cosine <= 1
     assert rows[0][-3:] != rows[1][-3:]  # p = 0.5 and p = 0 train different students
     assert "torch" in printed.splitlines()[-1] and "F.mse_loss" in printed.splitlines()[-1]
+
+
+def test_distill_on_two_processes(capfd):
+    """--nproc 2: the job relaunches itself under torchrun (DDP over gloo); rank 0 prints the
+    comparison once."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["distill", *args, "--nproc", "2"]) == 0
+    printed = capfd.readouterr().out
+    assert printed.count("held-out comparison") == 1

@@ -7,6 +7,15 @@ from .layer_map import LayerMap, explicit_layer_map, last_k_layer_map, uniform_l
 from .objective import DistillationLoss, DistillationOutput, soft_cross_entropy
 from .projection import HiddenProjection, attach_projection
 
-__all__ = ["DistillationLoss", "DistillationOutput", "HiddenProjection", "LayerMap",
-           "attach_projection", "explicit_layer_map", "last_k_layer_map", "soft_cross_entropy",
-           "uniform_layer_map"]
+__all__ = ["DistillationLoss", "DistillationOutput", "EOFDTrainer", "HiddenProjection",
+           "LayerMap", "attach_projection", "explicit_layer_map", "last_k_layer_map",
+           "load_student", "soft_cross_entropy", "uniform_layer_map"]
+
+
+def __getattr__(name: str):
+    """``EOFDTrainer`` and ``load_student`` import transformers' Trainer: only when asked."""
+    if name in ("EOFDTrainer", "load_student"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -114,6 +114,11 @@ class DistillationLoss(nn.Module):
         self.fuse_projection = (backend != "reference" and process_group is None
                                 if fuse_projection is None else fuse_projection)
 
+    def use_process_group(self, process_group) -> None:
+        """Split batches from now on (the projections are then applied before the loss)."""
+        self.eofd.process_group = process_group
+        self.fuse_projection = False
+
     def _sides(self, student_out, teacher_out, attention_mask, decoder_attention_mask):
         """Yield (tag, layer map, projection, student states, teacher states, mask)."""
         if _is_seq2seq(teacher_out):

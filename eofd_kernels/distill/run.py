@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import random
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 
 from ..backends import available_backends
 from ..loss import eofd_loss
-from ..progress import progress
 from ..timing import median, time_ms
 from .corpus import stdlib_sentences
 from .layer_map import uniform_layer_map
@@ -51,39 +51,22 @@ class Student:
     name: str
     model: torch.nn.Module
     objective: DistillationLoss
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
 
 
-def _students(cfg: DistillConfig, teacher, device) -> list[Student]:
+def _students(cfg: DistillConfig, teacher) -> list[Student]:
     layer_map = uniform_layer_map(cfg.student_layers, teacher.config.num_hidden_layers)
     base = make_student(teacher, cfg.student_layers, cfg.student_width, cfg.seed)
+    if getattr(base, "pooler", None) is not None:
+        base.pooler = None  # the hidden-state loss does not train it (and DDP needs all used)
     attach_projection(base, HiddenProjection(cfg.student_width, teacher.config.hidden_size,
                                              len(layer_map)))
-    warmup = max(1, cfg.steps // 10)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay (TinyBERT's)
-        return min((step + 1) / warmup, max(0.0, (cfg.steps - step) / (cfg.steps - warmup + 1)))
-
     students = []
     for name, power in ((f"EOFD p={cfg.power:g}", cfg.power), ("MSE (p=0)", 0.0)):
-        model = copy.deepcopy(base).to(device).train()  # the same start for both
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        model = copy.deepcopy(base)  # the same start for both
         objective = DistillationLoss(layer_map, model.eofd_projection, power=power,
                                      use_logits=False, backend=cfg.backend)
-        students.append(Student(name, model, objective, optimizer,
-                                torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)))
+        students.append(Student(name, model, objective))
     return students
-
-
-def _batches(sentences: list[str], cfg: DistillConfig):
-    """Shuffled epochs of ``batch_size`` sentences, forever (seeded)."""
-    rng = random.Random(cfg.seed)
-    while True:
-        order = sentences[:]
-        rng.shuffle(order)
-        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            yield order[i:i + cfg.batch_size]
 
 
 def _tokenize(tokenizer, texts, cfg, device) -> dict[str, torch.Tensor]:
@@ -92,31 +75,42 @@ def _tokenize(tokenizer, texts, cfg, device) -> dict[str, torch.Tensor]:
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
+def _training_args(cfg: DistillConfig, device: torch.device, out_dir: str):
+    """The Trainer's settings: the global batch is ``batch_size`` however many processes run
+    (each takes its share), linear warm-up over a tenth of the steps then linear decay, AdamW
+    with weight decay 1e-4, gradients clipped at 1 (TinyBERT's recipe)."""
+    from transformers import TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size: {cfg.batch_size} does not split over {world} processes")
+    return TrainingArguments(
+        output_dir=out_dir, max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size // world, learning_rate=cfg.lr,
+        weight_decay=1e-4, lr_scheduler_type="linear", warmup_steps=max(1, cfg.steps // 10),
+        max_grad_norm=1.0, seed=cfg.seed, logging_steps=max(1, cfg.steps // 5),
+        save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if device.type == "cpu" and world > 1 else None,
+        remove_unused_columns=False,
+        dataloader_drop_last=True)
+
+
 def _train(cfg, teacher, tokenizer, students, sentences, device):
-    batches = _batches(sentences, cfg)
-    bar = progress(range(cfg.steps), total=cfg.steps, desc="distilling")
-    for step in bar:
-        batch = _tokenize(tokenizer, next(batches), cfg, device)
-        with torch.no_grad():
-            t_out = teacher(**batch, output_hidden_states=True)
-        losses = []
+    """Each student through ``EOFDTrainer`` on the same batches (the Trainer's seeded
+    shuffle): DDP across processes when launched with torchrun."""
+    from .trainer import EOFDTrainer
+
+    def collate(texts):
+        return _tokenize(tokenizer, texts, cfg, "cpu")
+
+    with tempfile.TemporaryDirectory() as out_dir:
         for st in students:
-            torch.manual_seed(cfg.seed + step)  # the same dropout masks for both students
-            out = st.objective(st.model(**batch, output_hidden_states=True), t_out,
-                               batch["attention_mask"])
-            st.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
-            st.optimizer.step()
-            st.schedule.step()
-            losses.append(out)
-        bar.set_postfix_str("  ".join(f"{st.name}: {o.loss.item():.4f}"
-                                      for st, o in zip(students, losses)))
-        if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps - 1:
-            eofd = losses[0]
-            layers = ", ".join(f"{n} {v:.4f}" for n, v in zip(eofd.layer_names,
-                                                              eofd.layer_losses.tolist()))
-            bar.write(f"step {step:4d}  {students[0].name} per layer (student<-teacher): {layers}")
+            trainer = EOFDTrainer(model=st.model, args=_training_args(cfg, device, out_dir),
+                                  train_dataset=sentences, data_collator=collate,
+                                  teacher=teacher, objective=st.objective)
+            trainer.train()
+            st.model = trainer.accelerator.unwrap_model(trainer.model,
+                                                        keep_fp32_wrapper=False).eval()
 
 
 @torch.no_grad()
@@ -206,14 +200,23 @@ def _mse_all(students, *, teachers, mask):
     return sum(F.mse_loss(s[keep], t[keep]) for s, t in zip(students, teachers))
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    """Other ranks' print: nothing (rank 0 speaks for the run)."""
+
+
 def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
-    """Train the EOFD and the MSE student, print and return the held-out comparison."""
+    """Train the EOFD and the MSE student, print and return the held-out comparison.
+
+    Under torchrun every process trains its share of each batch (DDP, with the EOFD weights
+    of the whole batch) and the first one prints."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        print_fn = _quiet
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher)
     model = teacher.model.to(device)
     train, held_out = stdlib_sentences()
-    students = _students(cfg, model, device)
+    students = _students(cfg, model)
     tc = model.config
     print_fn(f"teacher: {teacher.description}; {tc.num_hidden_layers} layers, d={tc.hidden_size}")
     print_fn(f"students: {cfg.student_layers} layers, d={cfg.student_width}, projected to "
