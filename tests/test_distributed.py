@@ -74,6 +74,7 @@ def _loss_and_grads(students, teachers, mask, backend, teacher_grad, **kwargs):
 
 
 def _split_batch_worker(rank, world):
+    """Every backend, teacher grad on and off; and teacher_weights of the split batch."""
     students, teachers, mask = _batch()
     for backend in BACKENDS:
         for teacher_grad in (True, False):
@@ -89,6 +90,11 @@ def _split_batch_worker(rank, world):
             everyone = [torch.empty_like(loss) for _ in range(world)]
             dist.all_gather(everyone, loss)
             assert all(torch.equal(x, loss) for x in everyone)  # bitwise the same loss
+    my_teachers = [_shard(t, rank, world) for t in teachers]
+    weights = ek.teacher_weights(my_teachers, mask=_shard(mask, rank, world),
+                                 process_group=dist.group.WORLD)
+    for got, want in zip(weights, ek.teacher_weights(teachers, mask=mask), strict=True):
+        assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("world", [2, 3])
