@@ -8,8 +8,10 @@ from . import reference
 from .backends import available_backends
 from .cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from .loss import EOFDLoss, eofd_loss, teacher_weights
+from .outliers import OutlierScan, outlier_dims
 from .projected_loss import eofd_projected_loss
 
-__all__ = ["EOFDLoss", "available_backends", "cpu_cache_info", "empty_cpu_cache", "eofd_loss",
-           "eofd_projected_loss", "reference", "set_cpu_cache_limit", "teacher_weights"]
+__all__ = ["EOFDLoss", "OutlierScan", "available_backends", "cpu_cache_info", "empty_cpu_cache",
+           "eofd_loss", "eofd_projected_loss", "outlier_dims", "reference", "set_cpu_cache_limit",
+           "teacher_weights"]
 __version__ = "0.1.0"

