@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str,
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """A folder name: "MSE (p=0)" -> "mse-p-0"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _print_outlier_fvu(results: dict, layer_map, print_fn) -> None:
