@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU can show, in one call of under 8 minutes (step limits: 460 s), under $OUT:
+# Everything a GPU can show, in one call of under 8 minutes (step limits: 480 s), under $OUT:
 #   env.txt        device, driver, versions
 #   build.log      the extension built for this GPU's arch only
 #   tests.log      the test suite on CUDA tensors (triton and ext), CUDA graphs, > 2^31 elements
 #   memcheck.log   compute-sanitizer memcheck of a small multi-layer masked fwd+bwd
 #   aot.jsonl      the Triton plan compiled for this arch (registers, spills, 16-byte loads)
-#   bench/         the headline benchmark points (bench.md, bench.json), % of a device copy
+#   bench/         the headline benchmark points (bench.md, bench.json), % of a device copy,
+#                  and the fused projection in bf16 (fused_projection.md)
 #   summary.txt    each step's exit code and seconds
 # Usage: OUT=/some/dir benchmarks/gpu_check.sh [--dry-run]
 # --dry-run (any machine): checks the script, the imports and each step's command, runs none
@@ -50,13 +51,15 @@ export TRITON_INTERPRET=0
 
 step build 120 env EOFD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 \
   pip install --no-deps --no-build-isolation -e .
-step tests 100 python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py \
+step tests 90 python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py \
   tests/test_backends.py tests/test_registration.py tests/test_adversarial.py -k "cuda or gpu"
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python benchmarks/gpu_smoke.py
 step aot 30 sh -c "python -m eofd_kernels.backends.triton_aot --arch $SM > '$OUT/aot.jsonl'"
-step bench 150 eofd-kernels bench --device cuda --preset gpu-headline --reps 20 \
+step bench 120 eofd-kernels bench --device cuda --preset gpu-headline --reps 20 \
   --providers "eager ref" "compiled ref" "mse compiled" triton ext --out "$OUT/bench"
+step projection 60 eofd-kernels bench --device cuda --fused-projection flan-t5-xxl bert-large \
+  --dtypes bf16 --reps 10 --out "$OUT/bench"
 
 if [[ $DRY == 1 ]]; then  # what can be checked without a GPU
   (

@@ -53,7 +53,8 @@ def _run_fused_projection(args, device: torch.device, out: Path) -> int:
     from . import projection
 
     keys = args.fused_projection or list(PROJECTION_SHAPES)
-    records = projection.run_fused_projection(keys, device, reps=args.reps or 5)
+    dtype = DTYPES[args.dtypes[0]] if args.dtypes else torch.float32
+    records = projection.run_fused_projection(keys, device, reps=args.reps or 5, dtype=dtype)
     meta = environment(device, "fused-projection")
     projection.write(records, meta, out)
     print(projection.markdown(records, meta))

@@ -2,7 +2,7 @@
 projecting first, in time and peak memory of fwd+bwd.
 
 Providers, all computing the loss of ``S = X Wᵀ + b`` over every mapped layer and the
-gradients of X, W and b (frozen teacher, fp32):
+gradients of X, W and b (frozen teacher; fp32, or ``--dtypes bf16`` on a GPU):
 
     linear + eager ref   nn.functional.linear, then the paper's code (eager)
     linear + eofd_loss   nn.functional.linear, then an ``EOFDLoss`` module
@@ -62,7 +62,7 @@ SHAPES = {
 }
 
 
-def _inputs(shape: ProjectionShape, device: torch.device):
+def _inputs(shape: ProjectionShape, device: torch.device, dtype: torch.dtype = torch.float32):
     g = torch.Generator(device=device).manual_seed(0)
     lead = (shape.batch, shape.seq)
     xs, ws, bs, ts = [], [], [], []
@@ -72,6 +72,7 @@ def _inputs(shape: ProjectionShape, device: torch.device):
                               device=device) / shape.student_width ** 0.5)
         bs.append(torch.zeros(shape.teacher_width, device=device))
         ts.append(teacher_states((*lead, shape.teacher_width), g))
+    xs, ws, bs, ts = ([x.to(dtype) for x in group] for group in (xs, ws, bs, ts))
     for x in xs + ws + bs:
         x.requires_grad_()
     return xs, ws, bs, ts
@@ -122,9 +123,9 @@ def _child_peak_mb(provider: str, shape_key: str) -> float:
     return (peak_kb - before_kb) / 1024 - _grad_bytes(xs, ws, bs) / 2**20
 
 
-def _peak_mb(provider: str, shape_key: str, device: torch.device) -> float:
+def _peak_mb(provider: str, shape_key: str, device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
-        xs, ws, bs, ts = _inputs(SHAPES[shape_key], device)
+        xs, ws, bs, ts = _inputs(SHAPES[shape_key], device, dtype)
         step = _step(provider, xs, ws, bs, ts)
         step()  # warm-up
         torch.cuda.synchronize(device)
@@ -145,18 +146,22 @@ def _peak_mb(provider: str, shape_key: str, device: torch.device) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def run_fused_projection(shape_keys, device: torch.device, reps: int, print_fn=print) -> list[dict]:
-    """One record per (shape, provider): median/min ms, peak extra MB, ratios to fused."""
+def run_fused_projection(shape_keys, device: torch.device, reps: int,
+                         dtype: torch.dtype = torch.float32, print_fn=print) -> list[dict]:
+    """One record per (shape, provider): median/min ms, peak extra MB, ratios to fused.
+    ``dtype``: of every input (bf16 on a GPU; the CPU memory runs are fp32)."""
+    if device.type != "cuda" and dtype != torch.float32:
+        raise ValueError(f"dtype: the CPU memory measurement runs fp32 only, got {dtype}")
     records = []
     for key in shape_keys:
         shape = SHAPES[key]
-        xs, ws, bs, ts = _inputs(shape, device)
+        xs, ws, bs, ts = _inputs(shape, device, dtype)
         steps = {p: _step(p, xs, ws, bs, ts) for p in PROVIDERS}
         times = time_ms_interleaved(steps, device, warmup=1, reps=reps)
         del steps, xs, ws, bs, ts
-        peaks = {p: _peak_mb(p, key, device) for p in PROVIDERS}
+        peaks = {p: _peak_mb(p, key, device, dtype) for p in PROVIDERS}
         for p in PROVIDERS:
-            records.append({"shape": shape.label(), "provider": p,
+            records.append({"shape": shape.label(), "provider": p, "dtype": str(dtype),
                             "median_ms": statistics.median(times[p]), "min_ms": min(times[p]),
                             "peak_extra_mb": peaks[p]})
         fused = records[-1]
@@ -169,12 +174,13 @@ def run_fused_projection(shape_keys, device: torch.device, reps: int, print_fn=p
 
 
 def markdown(records: list[dict], meta: dict) -> str:
+    dtype = records[0]["dtype"] if records else ""
     lines = [f"# Fused projection + EOFD loss: {meta['device']}", "",
              f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}. Command: "
              f"`{meta['command']}`", "",
              "fwd+bwd of the loss of S = X Wᵀ + b over all mapped layers, gradients of X, W "
-             "and b (frozen teacher, fp32). Median ms of round-robin reps in one process; peak "
-             "extra memory beyond the inputs and the returned gradients (CPU: a fresh process "
+             f"and b (frozen teacher, {dtype}). Median ms of round-robin reps in one process; "
+             "peak extra memory beyond the inputs and the returned gradients (CPU: a fresh process "
              "per provider, VmHWM after a reset; CUDA: max_memory_allocated).", "",
              "| shape | provider | median ms | min ms | peak extra MB | time / fused | "
              "fused memory / this |", "|---|---|---|---|---|---|---|"]
