@@ -26,8 +26,7 @@ from .backends.torch_backend import backward_torch, teacher_dim_stats_torch
 from .inputs import LayerBatch
 
 __all__ = ["SUMMARY_FIELDS", "backend_ops", "group_layer_losses", "group_teacher_weights",
-           "local_summaries", "merge_summaries",
-           "merged_dim_stats"]
+           "local_summaries", "merge_summaries", "merged_dim_stats", "teacher_coefficient"]
 
 # Per-dim summary fields, (L, SUMMARY_FIELDS, max d) float64.
 S_COUNT, S_PIVOT, S_MEAN, S_M2, S_SQ_ERR = range(5)
@@ -88,6 +87,18 @@ def merge_summaries(parts: list[Tensor]) -> Tensor:
     return merged
 
 
+def teacher_coefficient(weight: Tensor, sq_err: Tensor, sigma: Tensor, n_valid: Tensor,
+                        power: float, eps: float) -> Tensor:
+    """The dT coefficient through the weights per dim, G_d / ((n' - 1) sigma_d) (the fused
+    finalize's ``eofd_coef_teacher``), 0 for a constant dim (docs/design.md, "Degenerate
+    dims"); all ``(d,)`` float64 but ``n_valid`` (0-dim)."""
+    d = sigma.shape[0]
+    scale = sigma.mean() + eps
+    weighted = (weight * sq_err).sum()
+    g_d = power / (n_valid * d) * (weight * sq_err / sigma - weighted / (d * scale))
+    return torch.where(sigma == 0, 0.0, g_d / ((n_valid - 1) * sigma))
+
+
 def merged_dim_stats(summaries: Tensor, dims: list[int], power: float, eps: float,
                      weights: list[Tensor] | None) -> tuple[Tensor, Tensor]:
     """``(losses (L,) float64, dim_stats (L, DIM_FIELDS, max d))`` in the ops' layout from
@@ -101,16 +112,12 @@ def merged_dim_stats(summaries: Tensor, dims: list[int], power: float, eps: floa
         sigma = (m2 / (n_valid - 1)).sqrt()
         inv_nd = 1.0 / (n_valid * d)
         if weights is None:
-            scale = sigma.mean() + eps
-            weight = (sigma / scale) ** power
-            weighted = (weight * sq_err).sum()
-            g_d = power * inv_nd * (weight * sq_err / sigma - weighted / (d * scale))
-            # A constant dim gets 0 (docs/design.md, "Degenerate dims").
-            coef_t = torch.where(sigma == 0, 0.0, g_d / ((n_valid - 1) * sigma))
+            weight = (sigma / (sigma.mean() + eps)) ** power
+            coef_t = teacher_coefficient(weight, sq_err, sigma, n_valid, power, eps)
         else:
             weight = weights[i]
-            weighted = (weight * sq_err).sum()
             coef_t = torch.zeros_like(weight)  # given weights carry no teacher gradient
+        weighted = (weight * sq_err).sum()
         for field, value in ((layout.D_COUNT, count), (layout.D_PIVOT, pivot),
                              (layout.D_MEAN, mean), (layout.D_SIGMA, sigma),
                              (layout.D_SQ_ERR, sq_err), (layout.D_WEIGHT, weight),

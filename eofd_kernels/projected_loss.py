@@ -28,6 +28,7 @@ from . import layout
 from .backends import pick_backend
 from .backends.teacher_stats import teacher_dim_stats
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
+from .merged_stats import teacher_coefficient
 
 __all__ = ["eofd_projected_loss"]
 
@@ -157,19 +158,16 @@ def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, 
     weighted = (weight * sq_err).sum()
     loss = (weighted / (n_valid * d)).to(acc)
     if grads is not None and grads.t is not None:
-        _add_teacher_term(grads.t, t, valid, stats, sq_err, weighted, power, eps, chunk_rows)
+        _add_teacher_term(grads.t, t, valid, stats, sq_err, power, eps, chunk_rows)
     return loss, grads
 
 
-def _add_teacher_term(d_t, t, valid, stats, sq_err, weighted, power, eps, chunk_rows):
+def _add_teacher_term(d_t, t, valid, stats, sq_err, power, eps, chunk_rows):
     """dT += coef_t (T - mu) on valid rows, coef_t = G_d / ((n' - 1) sigma_d) (0 where
     sigma_d = 0: docs/design.md, "Degenerate dims")."""
     n, d = t.shape
-    sigma, weight = stats[layout.D_SIGMA, :d], stats[layout.D_WEIGHT, :d]
-    n_valid = stats[layout.D_COUNT, 0]
-    scale = sigma.mean() + eps
-    g_d = power / (n_valid * d) * (weight * sq_err / sigma - weighted / (d * scale))
-    coef_t = torch.where(sigma == 0, 0.0, g_d / ((n_valid - 1) * sigma)).to(d_t.dtype)
+    coef_t = teacher_coefficient(stats[layout.D_WEIGHT, :d], sq_err, stats[layout.D_SIGMA, :d],
+                                 stats[layout.D_COUNT, 0], power, eps).to(d_t.dtype)
     pivot = stats[layout.D_PIVOT, :d].to(d_t.dtype)
     mean = stats[layout.D_MEAN, :d].to(d_t.dtype)
     for r0 in range(0, n, chunk_rows):
