@@ -22,7 +22,7 @@ from torch import Tensor
 from . import layout
 from .backends import pick_backend
 from .backends.op_autograd import promote_layers, save_layers, saved_layers
-from .backends.torch_backend import backward_torch, teacher_dim_stats_torch
+from .backends.torch_backend import backward_torch, masked_difference, teacher_dim_stats_torch
 from .inputs import LayerBatch
 
 __all__ = ["SUMMARY_FIELDS", "backend_ops", "group_layer_losses", "group_teacher_weights",
@@ -52,9 +52,7 @@ def local_summaries(batch: LayerBatch, forward_op) -> Tensor:
         stats = teacher_dim_stats_torch(batch, 0.0, 0.0)
         sq_err = stats.new_zeros(stats.shape[0], stats.shape[2])
         for i, (s, t, m) in enumerate(zip(batch.students, batch.teachers, batch.masks)):
-            diff = layout.as_rows(s).double() - layout.as_rows(t).double()
-            if m is not None:
-                diff = torch.where(m[:, None], diff, 0.0)
+            diff = masked_difference(layout.as_rows(s), layout.as_rows(t), m, torch.float64)
             sq_err[i, :diff.shape[1]] = diff.square().sum(dim=0)
         stats[:, layout.D_SQ_ERR] = sq_err
     else:

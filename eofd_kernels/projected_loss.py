@@ -27,6 +27,7 @@ from torch import Tensor
 from . import layout
 from .backends import pick_backend
 from .backends.teacher_stats import teacher_dim_stats
+from .backends.torch_backend import masked_difference
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
 from .merged_stats import teacher_coefficient
 
@@ -122,9 +123,7 @@ class _ChunkOps:
     def __call__(self, s: Tensor, t: Tensor, valid: Tensor | None, acc: torch.dtype):
         """``(E_d (d,) float64, dS (rows, d))`` of one chunk (dS 0 on masked rows)."""
         if self.forward is None:
-            diff = s.to(acc) - t.to(acc)
-            if valid is not None:
-                diff = torch.where(valid[:, None], diff, 0.0)
+            diff = masked_difference(s, t, valid, acc)
             coef_s = self.stats[0, layout.D_COEF_S].to(acc)
             return diff.square().sum(dim=0).double(), diff * coef_s
         if not s.dtype == t.dtype == acc:  # the kernels read one dtype: the accumulation's

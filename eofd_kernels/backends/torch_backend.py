@@ -16,7 +16,7 @@ from .. import layout
 from ..inputs import LayerBatch
 from ..layout import as_rows
 
-__all__ = ["backward_torch", "layer_losses_torch", "layer_weights_torch",
+__all__ = ["backward_torch", "layer_losses_torch", "layer_weights_torch", "masked_difference",
            "teacher_dim_stats_torch"]
 
 
@@ -62,13 +62,19 @@ def _weights(sigma: torch.Tensor, power: float, eps: float) -> torch.Tensor:
                        torch.where(zero, 1.0, ratio) ** power)
 
 
+def masked_difference(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None,
+                      acc: torch.dtype) -> torch.Tensor:
+    """``S - T`` of ``(n, d)`` rows in ``acc``, 0 on masked rows: selected, before anything
+    squares it (square's backward would multiply a NaN in the padding by 0)."""
+    diff = student.to(acc) - teacher.to(acc)
+    return diff if valid is None else torch.where(valid[:, None], diff, 0.0)
+
+
 def _layer_loss(student, teacher, valid, power: float, eps: float, acc: torch.dtype):
     teacher = teacher.to(acc)
     centred, n_valid, _, _ = _pivoted_moments(teacher, valid)
     weights = _weights(_sigma(centred, n_valid), power, eps)
-    diff = student.to(acc) - teacher
-    if valid is not None:  # before squaring: square's backward would multiply NaN by 0
-        diff = torch.where(valid[:, None], diff, 0.0)
+    diff = masked_difference(student, teacher, valid, acc)
     return (weights * diff.square().sum(dim=0)).sum() / (n_valid * teacher.shape[1])
 
 
