@@ -1,5 +1,6 @@
 // The CPU memory floor of the training step's traffic, in plain C (AVX-512, OpenMP), outside
-// torch: what the schedules of csrc/cpu/eofd_cpu.cpp could reach at most on this machine.
+// torch: what the schedules of csrc/cpu/ (schedule.h, cpu_ops.cpp) could reach at most on
+// this machine.
 // BERT-base B=8 fp32: 12 layers of S, T (1024 x 768 each); dS is streamed out (NT stores).
 //
 //   gcc -O3 -march=native -fopenmp benchmarks/memory_floor.c -o /tmp/memory_floor

@@ -1,6 +1,6 @@
 // The op schemas, declared once. CPU and CUDA implementations register separately
-// (cpu/eofd_cpu.cpp, cuda/eofd_cuda_glue.cpp); fake impls and autograd live in Python
-// (eofd_kernels/ext_op.py).
+// (cpu/cpu_ops.cpp, cuda/eofd_cuda_glue.cpp); fake impls and autograd live in Python
+// (eofd_kernels/backends/ext_backend.py, op_autograd.py, grad_ahead.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -10,7 +10,7 @@ TORCH_LIBRARY(eofd_ext, m) {
   m.def("forward(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
         "float eps) -> (Tensor, Tensor)");
   // forward, plus backward's dS for an expected grad_losses, computed while a group of layers
-  // (at most group_bytes of S and T) is still cached (CPU only: see cpu/eofd_cpu.cpp).
+  // (at most group_bytes of S and T) is still cached (CPU only: cpu/cpu_ops.cpp, schedule.h).
   m.def("forward_and_grad(Tensor[] students, Tensor[] teachers, Tensor?[] masks, float power, "
         "float eps, Tensor grad_losses, int group_bytes) -> (Tensor, Tensor, Tensor[])");
   // dS per layer, and dT per layer when need_teacher_grad (else []).
