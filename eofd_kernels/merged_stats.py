@@ -20,30 +20,17 @@ import torch
 from torch import Tensor
 
 from . import layout
-from .backends import pick_backend
+from .backends import op_pair, pick_backend
 from .backends.op_autograd import promote_layers, save_layers, saved_layers
-from .backends.torch_backend import backward_torch, masked_difference, teacher_dim_stats_torch
+from .backends.torch_backend import masked_difference, teacher_dim_stats_torch
 from .inputs import LayerBatch
 
-__all__ = ["SUMMARY_FIELDS", "backend_ops", "group_layer_losses", "group_teacher_weights",
+__all__ = ["SUMMARY_FIELDS", "group_layer_losses", "group_teacher_weights",
            "local_summaries", "merge_summaries", "merged_dim_stats", "teacher_coefficient"]
 
 # Per-dim summary fields, (L, SUMMARY_FIELDS, max d) float64.
 S_COUNT, S_PIVOT, S_MEAN, S_M2, S_SQ_ERR = range(5)
 SUMMARY_FIELDS = 5
-
-
-def backend_ops(backend: str):
-    """The backend's (forward, backward) op pair, or (None, backward_torch)."""
-    if backend == "ext":
-        from .backends import ext_backend  # noqa: F401  (registers the ops)
-
-        return torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
-    if backend == "triton":
-        from .backends.triton_backend import triton_backward, triton_forward
-
-        return triton_forward, triton_backward
-    return None, backward_torch
 
 
 def local_summaries(batch: LayerBatch, forward_op) -> Tensor:
@@ -220,7 +207,7 @@ def group_layer_losses(batch: LayerBatch, power: float, eps: float, backend: str
     dims = [t.shape[-1] for t in batch.teachers]
     if weights is not None:
         weights = _check_weights(weights, dims, device)
-    forward_op, backward_op = backend_ops(pick_backend(backend, device))
+    forward_op, backward_op = op_pair(pick_backend(backend, device))
     summaries, world = _batch_summaries(batch, forward_op, process_group)
     losses, dim_stats = merged_dim_stats(summaries, dims, power, eps, weights)
     losses = losses.to(batch.result_dtype)

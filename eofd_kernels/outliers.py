@@ -30,14 +30,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backends import pick_backend
+from .backends import op_pair, pick_backend
 from .inputs import check_power_eps, prepare_layers
 from .merged_stats import (
     S_COUNT,
     S_M2,
     S_MEAN,
     S_PIVOT,
-    backend_ops,
     local_summaries,
     merge_summaries,
 )
@@ -117,7 +116,7 @@ class OutlierScan:
         dims = [t.shape[-1] for t in batch.teachers]
         if self.dims is not None and dims != self.dims:
             raise ValueError(f"hidden_states: layers of widths {dims}, the scan holds {self.dims}")
-        forward_op, _ = backend_ops(pick_backend(self.backend, batch.teachers[0].device))
+        forward_op, _ = op_pair(pick_backend(self.backend, batch.teachers[0].device))
         with torch.no_grad():
             part = local_summaries(batch, forward_op).cpu()
         return self._add(part, dims)

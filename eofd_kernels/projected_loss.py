@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import layout
-from .backends import pick_backend
+from .backends import op_pair, pick_backend
 from .backends.teacher_stats import teacher_dim_stats
 from .backends.torch_backend import masked_difference
 from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
@@ -111,14 +111,7 @@ class _ChunkOps:
 
     def __init__(self, backend: str, stats: Tensor):
         self.stats = stats
-        if backend == "ext":
-            self.forward, self.backward = torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
-        elif backend == "triton":
-            from .backends.triton_backend import triton_backward, triton_forward
-
-            self.forward, self.backward = triton_forward, triton_backward
-        else:  # torch, reference: plain torch ops
-            self.forward = self.backward = None
+        self.forward, self.backward = op_pair(backend)  # no forward op: plain torch ops
 
     def __call__(self, s: Tensor, t: Tensor, valid: Tensor | None, acc: torch.dtype):
         """``(E_d (d,) float64, dS (rows, d))`` of one chunk (dS 0 on masked rows)."""

@@ -21,7 +21,7 @@ import torch
 
 from .availability import missing_reason
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "op_pair", "pick_backend", "resolve_backend"]
 
 BACKENDS = ("triton", "ext", "torch", "reference")
 LayerLossFn = Callable[..., torch.Tensor]  # (LayerBatch, power, eps, grad_ahead) -> (L,)
@@ -61,6 +61,23 @@ def _load(name: str) -> LayerLossFn:
     from .reference_backend import layer_losses_reference
 
     return layer_losses_reference
+
+
+def op_pair(name: str):
+    """The ``(forward, backward)`` op pair of backend ``name`` (a ``pick_backend`` result)
+    for callers that run the passes themselves; ``(None, backward_torch)`` for the torch and
+    reference backends, which have no forward op (the backward in torch ops)."""
+    if name == "ext":
+        from . import ext_backend  # noqa: F401  (registers the ops' fake impls and autograd)
+
+        return torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
+    if name == "triton":
+        from .triton_backend import triton_backward, triton_forward
+
+        return triton_forward, triton_backward
+    from .torch_backend import backward_torch
+
+    return None, backward_torch
 
 
 def check_backend(name) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import LayerBatch
-from . import pick_backend
+from . import op_pair, pick_backend
 from .op_autograd import promote_layers
 from .torch_backend import teacher_dim_stats_torch
 
@@ -21,14 +21,8 @@ __all__ = ["teacher_dim_stats"]
 @torch.no_grad()
 def teacher_dim_stats(batch: LayerBatch, power: float, eps: float, backend: str) -> torch.Tensor:
     """``(L, DIM_FIELDS, max d)`` float64 (layout.py) for ``batch.teachers`` and masks."""
-    name = pick_backend(backend, batch.teachers[0].device)
+    forward_op, _ = op_pair(pick_backend(backend, batch.teachers[0].device))
+    if forward_op is None:
+        return teacher_dim_stats_torch(batch, power, eps)
     teachers = promote_layers(batch.teachers)
-    if name == "ext":
-        from . import ext_backend  # noqa: F401  (registers the ops' fake impls and autograd)
-
-        return torch.ops.eofd_ext.forward(teachers, teachers, batch.masks, power, eps)[1]
-    if name == "triton":
-        from .triton_backend import triton_forward
-
-        return triton_forward(teachers, teachers, batch.masks, power, eps)[1]
-    return teacher_dim_stats_torch(batch, power, eps)
+    return forward_op(teachers, teachers, batch.masks, power, eps)[1]
