@@ -5,9 +5,16 @@ Mirrors ``csrc/include/eofd_params.h`` and ``chunk_policy.h``; a test checks tha
 
 from torch import Tensor
 
+# Per-dim moments of some tokens (one layer: (MOMENT_FIELDS, d)), before a finalize: the GPU
+# kernels' chunk partials and the split-batch summaries. PIVOT_OFFSET is mean - pivot, the
+# pivot being one actual valid value (docs/design.md, "Pivoted moments"); SQUARED_ERROR is
+# E_d = sum over valid tokens of (S - T)^2.
+M_COUNT, M_PIVOT, M_PIVOT_OFFSET, M_M2, M_SQUARED_ERROR = range(5)
+MOMENT_FIELDS = 5
+
 # Per-dim statistics the forward returns and the backward reads: (L, DIM_FIELDS, max d) fp64.
-# Dims past a layer's own d are zero.
-D_COUNT, D_PIVOT, D_MEAN, D_SIGMA, D_SQ_ERR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
+# Dims past a layer's own d are zero; PIVOT_OFFSET and SQUARED_ERROR as in the moments.
+D_COUNT, D_PIVOT, D_PIVOT_OFFSET, D_SIGMA, D_SQUARED_ERROR, D_WEIGHT, D_COEF_S, D_COEF_T = range(8)
 DIM_FIELDS = 8
 
 # The most token rows one chunk's fp32 partials may hold (kMaxChunkRows, chunk_policy.h).

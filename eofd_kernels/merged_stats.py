@@ -29,7 +29,7 @@ __all__ = ["SUMMARY_FIELDS", "group_layer_losses", "group_teacher_weights",
            "local_summaries", "merge_summaries", "merged_dim_stats", "teacher_coefficient"]
 
 # Per-dim summary fields, (L, SUMMARY_FIELDS, max d) float64.
-S_COUNT, S_PIVOT, S_MEAN, S_M2, S_SQ_ERR = range(5)
+S_COUNT, S_PIVOT, S_PIVOT_OFFSET, S_M2, S_SQUARED_ERROR = range(5)
 SUMMARY_FIELDS = 5
 
 
@@ -37,18 +37,18 @@ def local_summaries(batch: LayerBatch, forward_op) -> Tensor:
     """This rank's ``(L, SUMMARY_FIELDS, max d)`` float64 summaries (dims past d are 0)."""
     if forward_op is None:
         stats = teacher_dim_stats_torch(batch, 0.0, 0.0)
-        sq_err = stats.new_zeros(stats.shape[0], stats.shape[2])
+        squared_error = stats.new_zeros(stats.shape[0], stats.shape[2])
         for i, (s, t, m) in enumerate(zip(batch.students, batch.teachers, batch.masks)):
             diff = masked_difference(layout.as_rows(s), layout.as_rows(t), m, torch.float64)
-            sq_err[i, :diff.shape[1]] = diff.square().sum(dim=0)
-        stats[:, layout.D_SQ_ERR] = sq_err
+            squared_error[i, :diff.shape[1]] = diff.square().sum(dim=0)
+        stats[:, layout.D_SQUARED_ERROR] = squared_error
     else:
         students, teachers = promote_layers(batch.students), promote_layers(batch.teachers)
         stats = forward_op(students, teachers, batch.masks, 0.0, 0.0)[1]
     count = stats[:, layout.D_COUNT]
     m2 = torch.where(count > 1, stats[:, layout.D_SIGMA].square() * (count - 1), 0.0)
-    return torch.stack([count, stats[:, layout.D_PIVOT], stats[:, layout.D_MEAN], m2,
-                        stats[:, layout.D_SQ_ERR]], dim=1)
+    return torch.stack([count, stats[:, layout.D_PIVOT], stats[:, layout.D_PIVOT_OFFSET], m2,
+                        stats[:, layout.D_SQUARED_ERROR]], dim=1)
 
 
 def merge_summaries(parts: list[Tensor]) -> Tensor:
@@ -72,15 +72,15 @@ def merge_summaries(parts: list[Tensor]) -> Tensor:
     return merged
 
 
-def teacher_coefficient(weight: Tensor, sq_err: Tensor, sigma: Tensor, n_valid: Tensor,
+def teacher_coefficient(weight: Tensor, squared_error: Tensor, sigma: Tensor, n_valid: Tensor,
                         power: float, eps: float) -> Tensor:
     """The dT coefficient through the weights per dim, G_d / ((n' - 1) sigma_d) (the fused
     finalize's ``eofd_coef_teacher``), 0 for a constant dim (docs/design.md, "Degenerate
     dims"); all ``(d,)`` float64 but ``n_valid`` (0-dim)."""
     d = sigma.shape[0]
     scale = sigma.mean() + eps
-    weighted = (weight * sq_err).sum()
-    g_d = power / (n_valid * d) * (weight * sq_err / sigma - weighted / (d * scale))
+    weighted = (weight * squared_error).sum()
+    g_d = power / (n_valid * d) * (weight * squared_error / sigma - weighted / (d * scale))
     return torch.where(sigma == 0, 0.0, g_d / ((n_valid - 1) * sigma))
 
 
@@ -92,20 +92,20 @@ def merged_dim_stats(summaries: Tensor, dims: list[int], power: float, eps: floa
     stats = summaries.new_zeros(num_layers, layout.DIM_FIELDS, max_d)
     losses = []
     for i, d in enumerate(dims):
-        count, pivot, mean, m2, sq_err = summaries[i, :, :d].unbind(0)
+        count, pivot, mean, m2, squared_error = summaries[i, :, :d].unbind(0)
         n_valid = count[0]
         sigma = (m2 / (n_valid - 1)).sqrt()
         inv_nd = 1.0 / (n_valid * d)
         if weights is None:
             weight = (sigma / (sigma.mean() + eps)) ** power
-            coef_t = teacher_coefficient(weight, sq_err, sigma, n_valid, power, eps)
+            coef_t = teacher_coefficient(weight, squared_error, sigma, n_valid, power, eps)
         else:
             weight = weights[i]
             coef_t = torch.zeros_like(weight)  # given weights carry no teacher gradient
-        weighted = (weight * sq_err).sum()
+        weighted = (weight * squared_error).sum()
         for field, value in ((layout.D_COUNT, count), (layout.D_PIVOT, pivot),
-                             (layout.D_MEAN, mean), (layout.D_SIGMA, sigma),
-                             (layout.D_SQ_ERR, sq_err), (layout.D_WEIGHT, weight),
+                             (layout.D_PIVOT_OFFSET, mean), (layout.D_SIGMA, sigma),
+                             (layout.D_SQUARED_ERROR, squared_error), (layout.D_WEIGHT, weight),
                              (layout.D_COEF_S, 2 * weight * inv_nd), (layout.D_COEF_T, coef_t)):
             stats[i, field, :d] = value
         losses.append(weighted * inv_nd)

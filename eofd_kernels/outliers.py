@@ -35,8 +35,8 @@ from .inputs import check_power_eps, prepare_layers
 from .merged_stats import (
     S_COUNT,
     S_M2,
-    S_MEAN,
     S_PIVOT,
+    S_PIVOT_OFFSET,
     local_summaries,
     merge_summaries,
 )
@@ -157,7 +157,7 @@ def _layer(summary: torch.Tensor, criterion: str, threshold: float,
     if criterion == "variance":
         outlier = variance >= threshold * variance.mean()
     else:
-        means = summary[S_PIVOT] + summary[S_MEAN]
+        means = summary[S_PIVOT] + summary[S_PIVOT_OFFSET]
         layer_mean = means.mean()
         # Pooled variance of all the layer's values: within-dim (biased) plus between-dim.
         layer_var = (summary[S_M2] / count + (means - layer_mean) ** 2).mean()

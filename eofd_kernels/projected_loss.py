@@ -121,9 +121,9 @@ class _ChunkOps:
             return diff.square().sum(dim=0).double(), diff * coef_s
         if not s.dtype == t.dtype == acc:  # the kernels read one dtype: the accumulation's
             s, t = s.to(acc), t.to(acc)
-        sq_err = self.forward([s], [t], [valid], 0.0, 0.0)[1][0, layout.D_SQ_ERR]
+        squared_error = self.forward([s], [t], [valid], 0.0, 0.0)[1][0, layout.D_SQUARED_ERROR]
         d_s = self.backward(self.stats.new_ones(1), [s], [t], [valid], self.stats, False)[0][0]
-        return sq_err, d_s
+        return squared_error, d_s
 
 
 def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, needs,
@@ -136,32 +136,33 @@ def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, 
     n, d = t.shape
     chunk_ops = _ChunkOps(backend, stats[None, :, :d].contiguous())
     grads = _LayerGrads(x, w, b, t, needs) if any(needs) else None
-    sq_err = torch.zeros(d, dtype=torch.float64, device=t.device)
+    squared_error = torch.zeros(d, dtype=torch.float64, device=t.device)
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         x_c = x[rows]
-        chunk_sq_err, d_s = chunk_ops(F.linear(x_c, w, b), t[rows],
+        chunk_squared_error, d_s = chunk_ops(F.linear(x_c, w, b), t[rows],
                                       None if valid is None else valid[rows], acc)
-        sq_err += chunk_sq_err
+        squared_error += chunk_squared_error
         if grads is not None:
             grads.add_chunk(rows, x_c, w, d_s)
     weight = stats[layout.D_WEIGHT, :d]
     n_valid = stats[layout.D_COUNT, 0]
-    weighted = (weight * sq_err).sum()
+    weighted = (weight * squared_error).sum()
     loss = (weighted / (n_valid * d)).to(acc)
     if grads is not None and grads.t is not None:
-        _add_teacher_term(grads.t, t, valid, stats, sq_err, power, eps, chunk_rows)
+        _add_teacher_term(grads.t, t, valid, stats, squared_error, power, eps, chunk_rows)
     return loss, grads
 
 
-def _add_teacher_term(d_t, t, valid, stats, sq_err, power, eps, chunk_rows):
+def _add_teacher_term(d_t, t, valid, stats, squared_error, power, eps, chunk_rows):
     """dT += coef_t (T - mu) on valid rows, coef_t = G_d / ((n' - 1) sigma_d) (0 where
     sigma_d = 0: docs/design.md, "Degenerate dims")."""
     n, d = t.shape
-    coef_t = teacher_coefficient(stats[layout.D_WEIGHT, :d], sq_err, stats[layout.D_SIGMA, :d],
-                                 stats[layout.D_COUNT, 0], power, eps).to(d_t.dtype)
+    coef_t = teacher_coefficient(stats[layout.D_WEIGHT, :d], squared_error,
+                                 stats[layout.D_SIGMA, :d], stats[layout.D_COUNT, 0], power,
+                                 eps).to(d_t.dtype)
     pivot = stats[layout.D_PIVOT, :d].to(d_t.dtype)
-    mean = stats[layout.D_MEAN, :d].to(d_t.dtype)
+    mean = stats[layout.D_PIVOT_OFFSET, :d].to(d_t.dtype)
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         term = coef_t * ((t[rows].to(d_t.dtype) - pivot) - mean)

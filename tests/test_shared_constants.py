@@ -24,23 +24,35 @@ def _constant(header: str, name: str) -> int:
     return int(re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", header).group(1))
 
 
-def test_dim_stats_fields_agree():
-    """eofd_params.h's DimField enum and layout.py's D_* name the same fields in one order."""
-    body = re.search(r"enum DimField : int \{(.*?)\};", _header("include/eofd_params.h"),
+def _enum_names(enum: str) -> list[str]:
+    body = re.search(rf"enum {enum} : int \{{(.*?)\}};", _header("include/eofd_params.h"),
                      re.S).group(1)
-    names = [n.strip().split("=")[0].strip() for n in body.split(",") if n.strip()]
-    assert names[-1] == "kDimFields" and len(names) - 1 == layout.DIM_FIELDS
+    return [n.strip().split("=")[0].strip() for n in body.split(",") if n.strip()]
+
+
+def _python_name(prefix: str, cpp_name: str, cpp_prefix: str) -> str:
+    """``kSquaredError`` -> ``D_SQUARED_ERROR``; ``kMomentPivotOffset`` -> ``M_PIVOT_OFFSET``."""
+    words = cpp_name[len(cpp_prefix):]
+    return prefix + re.sub(r"(?<!^)(?=[A-Z])", "_", words).upper()
+
+
+@pytest.mark.parametrize("enum, cpp_prefix, prefix, total", [
+    ("DimField", "k", "D_", "DIM_FIELDS"), ("MomentField", "kMoment", "M_", "MOMENT_FIELDS")])
+def test_field_layouts_agree(enum, cpp_prefix, prefix, total):
+    """eofd_params.h's DimField / MomentField enums and layout.py's D_* / M_* name the same
+    fields in one order (the Triton partials are derived from M_*, the CUDA ones use the enum)."""
+    names = _enum_names(enum)
+    assert names[-1] == f"{cpp_prefix}{'Fields' if prefix == 'M_' else 'DimFields'}"
+    assert len(names) - 1 == getattr(layout, total)
     for index, name in enumerate(names[:-1]):
-        python_name = "D_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name[1:]).upper()  # kSqErr: D_SQ_ERR
-        assert getattr(layout, python_name) == index, name
+        assert getattr(layout, _python_name(prefix, name, cpp_prefix)) == index, name
 
 
 def test_chunk_and_partial_constants_agree():
     from eofd_kernels.backends import triton_kernels
 
     assert _constant(_header("include/chunk_policy.h"), "kMaxChunkRows") == layout.MAX_CHUNK_ROWS
-    assert (_constant(_header("cuda/launch_params.h"), "kPartialFields")
-            == triton_kernels.PARTIAL_FIELDS.value)
+    assert triton_kernels.PARTIAL_FIELDS.value == layout.MOMENT_FIELDS
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")

@@ -21,7 +21,7 @@ double finalize_moments(const LayerParams& p, const acc_t* partials, int64_t num
   const int64_t d = p.d;
   auto field = [&](DimField f) { return stats + f * max_d; };
   double* __restrict__ pivot = field(kPivot);
-  double* __restrict__ mean = field(kMean);
+  double* __restrict__ mean = field(kPivotOffset);
   double* __restrict__ m2 = field(kSigma);  // M2 until it becomes sigma below
   double count = 0;
   const acc_t* part = partials;
@@ -40,7 +40,7 @@ double finalize_moments(const LayerParams& p, const acc_t* partials, int64_t num
         Moments<double> acc{count, pivot[j], mean[j], m2[j]};
         chan_merge_nonempty(acc, Moments<double>{chunk_count, part[j], part[d + j],
                                                  part[2 * d + j]});
-        mean[j] = acc.mean;
+        mean[j] = acc.offset;
         m2[j] = acc.m2;
       }
     }
@@ -75,21 +75,21 @@ double finalize_loss(const LayerParams& p, const acc_t* partials, int64_t num_ch
                      double power, double scale, double* stats, int64_t max_d) {
   const int64_t d = p.d;
   auto field = [&](DimField f) { return stats + f * max_d; };
-  double* __restrict__ sq_err = field(kSqErr);
-  std::fill(sq_err, sq_err + d, 0.0);
+  double* __restrict__ squared_error = field(kSquaredError);
+  std::fill(squared_error, squared_error + d, 0.0);
   const acc_t* part = partials;
   for (int64_t c = 0; c < num_chunks; ++c, part += 4 * d + 1) {
     if (part[4 * d] == 0) continue;  // masked rows only: nothing to add
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) sq_err[j] += part[3 * d + j];
+    for (int64_t j = 0; j < d; ++j) squared_error[j] += part[3 * d + j];
   }
   const double n_valid = field(kCount)[0];
   const double inv_nd = 1.0 / (n_valid * d);
   double weighted = 0;
-  for (int64_t j = 0; j < d; ++j) weighted += field(kWeight)[j] * sq_err[j];
+  for (int64_t j = 0; j < d; ++j) weighted += field(kWeight)[j] * squared_error[j];
   const double mean_term = weighted / (d * scale);
   for (int64_t j = 0; j < d; ++j) {
-    field(kCoefT)[j] = eofd_coef_teacher(field(kWeight)[j], sq_err[j], field(kSigma)[j],
+    field(kCoefT)[j] = eofd_coef_teacher(field(kWeight)[j], squared_error[j], field(kSigma)[j],
                                          n_valid, static_cast<double>(d), power, mean_term);
   }
   return weighted * inv_nd;

@@ -78,7 +78,7 @@ void fill_coefs(const double* stats, double g, int64_t max_d, acc_t* coefs) {
   for (int64_t j = 0; j < max_d; ++j) {
     coefs[max_d + j] = static_cast<acc_t>(g * stats[kCoefT * max_d + j]);
     coefs[2 * max_d + j] = static_cast<acc_t>(stats[kPivot * max_d + j]);
-    coefs[3 * max_d + j] = static_cast<acc_t>(stats[kMean * max_d + j]);
+    coefs[3 * max_d + j] = static_cast<acc_t>(stats[kPivotOffset * max_d + j]);
   }
 }
 
@@ -102,10 +102,10 @@ void backward_chunk(const LayerParams& p, const Chunk& ch, const acc_t* coefs, i
 }
 
 // The forward's gradient pass over a chunk's valid rows, row by row (see student_grad_chunk):
-// dS from g * coef_s, and each tile's squares summed into an L1 buffer, then into sq_err.
+// dS from g * coef_s, and each tile's squares summed into an L1 buffer, then into squared_error.
 template <typename elem_t, typename acc_t>
 void student_grad_rows(const LayerParams& p, const ValidRows<elem_t>& rows, const acc_t* coef_s,
-                       acc_t* sq_err) {
+                       acc_t* squared_error) {
   const BackwardCoefs<acc_t> c{coef_s, nullptr, nullptr, nullptr};
   const int64_t d = p.d;
   auto* dS = static_cast<elem_t*>(p.grad_student);
@@ -117,22 +117,22 @@ void student_grad_rows(const LayerParams& p, const ValidRows<elem_t>& rows, cons
                                  tile_sq.data());
     }
     if (k == 0) {
-      std::copy(tile_sq.begin(), tile_sq.end(), sq_err);
+      std::copy(tile_sq.begin(), tile_sq.end(), squared_error);
     } else {
-      for (int64_t j = 0; j < d; ++j) sq_err[j] += tile_sq[j];
+      for (int64_t j = 0; j < d; ++j) squared_error[j] += tile_sq[j];
     }
   });
 }
 
 // dS of a tile of R valid rows (ds: their dS rows), and its sum of (S - T)^2 merged into the
-// chunk's sq_err as add_tile merges it (First: the chunk's first tile). A piece of each row is
+// chunk's squared_error as add_tile merges it (First: the chunk's first tile). A piece of each row is
 // computed into an L1 buffer and streamed out; the squares stay in registers. Like add_tile,
 // it prefetches the next tile's rows into L2.
 template <int R, bool First, typename elem_t, typename acc_t>
 __attribute__((noinline)) void student_grad_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
                                                  Rows<R, elem_t> next_s, Rows<R, elem_t> next_t,
                                                  elem_t* const* ds, const acc_t* coef_s,
-                                                 int64_t d, acc_t* __restrict__ sq_err) {
+                                                 int64_t d, acc_t* __restrict__ squared_error) {
   alignas(64) elem_t piece[R][kPieceElems];
   for (int64_t j0 = 0; j0 < d; j0 += kPieceElems) {
     const int64_t width = std::min(kPieceElems, d - j0);
@@ -154,9 +154,9 @@ __attribute__((noinline)) void student_grad_tile(Rows<R, elem_t> s, Rows<R, elem
         sq += e * e;
       }
       if constexpr (First) {
-        sq_err[j0 + j] = sq;
+        squared_error[j0 + j] = sq;
       } else {
-        sq_err[j0 + j] += sq;
+        squared_error[j0 + j] += sq;
       }
     }
     for (int q = 0; q < R; ++q) stream_copy(ds[q] + j0, piece[q], width * sizeof(elem_t));
@@ -167,7 +167,7 @@ __attribute__((noinline)) void student_grad_tile(Rows<R, elem_t> s, Rows<R, elem
 // student_grad_chunk).
 template <typename elem_t, typename acc_t>
 void student_grad_tiles(const LayerParams& p, const ValidRows<elem_t>& rows,
-                        const acc_t* coef_s, acc_t* sq_err) {
+                        const acc_t* coef_s, acc_t* squared_error) {
   const int64_t d = p.d;
   auto* dS = static_cast<elem_t*>(p.grad_student);
   elem_t* ds_rows[kChunkRows];
@@ -179,9 +179,9 @@ void student_grad_tiles(const LayerParams& p, const ValidRows<elem_t>& rows,
     const auto next_s = rows_at<R>(rows.s + k + next);
     const auto next_t = rows_at<R>(rows.t + k + next);
     if (k == 0) {
-      student_grad_tile<R, true>(s, t, next_s, next_t, ds_rows + k, coef_s, d, sq_err);
+      student_grad_tile<R, true>(s, t, next_s, next_t, ds_rows + k, coef_s, d, squared_error);
     } else {
-      student_grad_tile<R, false>(s, t, next_s, next_t, ds_rows + k, coef_s, d, sq_err);
+      student_grad_tile<R, false>(s, t, next_s, next_t, ds_rows + k, coef_s, d, squared_error);
     }
   });
 }

@@ -14,7 +14,7 @@ namespace eofd {
 
 // One tile of R rows, merged into the chunk's statistics (docs/design.md, pivoted means):
 // tile pivot k = T's first row, m = mean(T - k), M2 = sum((T - k) - m)^2, then Chan's merge
-// (First: the chunk's first tile, taken whole), and with SqErr sq_err += sum (S - T)^2
+// (First: the chunk's first tile, taken whole), and with SqErr squared_error += sum (S - T)^2
 // (without it S is not read: the forward's gradient pass sums it, student_grad_chunk).
 // frac = R / (count + R), cross = count * frac, count being the chunk's rows so far: the merge
 // is chan_merge_nonempty with its count-only factors hoisted out of the loop (per dim, the
@@ -26,7 +26,7 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
                                         Rows<R, elem_t> next_s, Rows<R, elem_t> next_t,
                                         int64_t d, acc_t frac, acc_t cross,
                                         acc_t* __restrict__ pivot, acc_t* __restrict__ mean,
-                                        acc_t* __restrict__ m2, acc_t* __restrict__ sq_err) {
+                                        acc_t* __restrict__ m2, acc_t* __restrict__ squared_error) {
   constexpr acc_t inv_rows = acc_t(1) / R;
   constexpr int64_t kLine = kLineElems<elem_t>;
   for (int64_t j0 = 0; j0 < d; j0 += kLine) {
@@ -60,12 +60,12 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
         pivot[j] = k;
         mean[j] = m;
         m2[j] = dev2;
-        if constexpr (SqErr) sq_err[j] = sq;
+        if constexpr (SqErr) squared_error[j] = sq;
       } else {
         const acc_t delta = (k - pivot[j]) + (m - mean[j]);
         mean[j] += delta * frac;
         m2[j] += dev2 + delta * delta * cross;
-        if constexpr (SqErr) sq_err[j] += sq;
+        if constexpr (SqErr) squared_error[j] += sq;
       }
     }
   }
@@ -84,12 +84,12 @@ void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int ne
   acc_t* pivot = out;
   acc_t* mean = out + d;
   acc_t* m2 = out + 2 * d;
-  acc_t* sq_err = out + 3 * d;
+  acc_t* squared_error = out + 3 * d;
   if (count == 0) {
-    add_tile<R, true, SqErr>(s, t, next_s, next_t, d, acc_t(0), acc_t(0), pivot, mean, m2, sq_err);
+    add_tile<R, true, SqErr>(s, t, next_s, next_t, d, acc_t(0), acc_t(0), pivot, mean, m2, squared_error);
   } else {
     const acc_t frac = acc_t(R) / (count + acc_t(R));
-    add_tile<R, false, SqErr>(s, t, next_s, next_t, d, frac, count * frac, pivot, mean, m2, sq_err);
+    add_tile<R, false, SqErr>(s, t, next_s, next_t, d, frac, count * frac, pivot, mean, m2, squared_error);
   }
 }
 

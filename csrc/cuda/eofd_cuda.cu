@@ -103,11 +103,11 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
   const bool active = row0 < p.n && col < p.d;
 
   Moments<acc> mom[V];
-  acc sq_err[V];
+  acc squared_error[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     mom[k] = Moments<acc>{0, 0, 0, 0};
-    sq_err[k] = 0;
+    squared_error[k] = 0;
   }
   if (active) {
     const auto* S = static_cast<const T*>(p.student);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
         for (int i = 0; i < kRowsPerThread; ++i) {
           if (!valid[i]) continue;
           const acc e = s[i][k] - t[i][k];
-          sq_err[k] += e * e;
+          squared_error[k] += e * e;
           sum += t[i][k] - pivot;
         }
         const acc mean = sum / acc(n_valid);
@@ -157,19 +157,19 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
   }
 
   // Row groups merge in order 0, 1, ..., kRowGroups - 1 through shared memory.
-  __shared__ acc shared[kRowGroups][kPartialFields][kBlockD];
+  __shared__ acc shared[kRowGroups][kMomentFields][kBlockD];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int c = threadIdx.x * V + k;
     shared[threadIdx.y][0][c] = mom[k].count;
     shared[threadIdx.y][1][c] = mom[k].pivot;
-    shared[threadIdx.y][2][c] = mom[k].mean;
+    shared[threadIdx.y][2][c] = mom[k].offset;
     shared[threadIdx.y][3][c] = mom[k].m2;
-    shared[threadIdx.y][4][c] = sq_err[k];
+    shared[threadIdx.y][4][c] = squared_error[k];
   }
   __syncthreads();
   if (threadIdx.y != 0 || !active) return;
-  acc* out = partials + ((int64_t(blockIdx.z) * shape.num_chunks + blockIdx.x) * kPartialFields) *
+  acc* out = partials + ((int64_t(blockIdx.z) * shape.num_chunks + blockIdx.x) * kMomentFields) *
                             shape.max_d;
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -177,14 +177,14 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
     for (int g = 1; g < kRowGroups; ++g) {
       chan_merge(mom[k], Moments<acc>{shared[g][0][c], shared[g][1][c], shared[g][2][c],
                                       shared[g][3][c]});
-      sq_err[k] += shared[g][4][c];
+      squared_error[k] += shared[g][4][c];
     }
     if (col + k < p.d) {
-      out[0 * shape.max_d + col + k] = mom[k].count;
-      out[1 * shape.max_d + col + k] = mom[k].pivot;
-      out[2 * shape.max_d + col + k] = mom[k].mean;
-      out[3 * shape.max_d + col + k] = mom[k].m2;
-      out[4 * shape.max_d + col + k] = sq_err[k];
+      out[kMomentCount * shape.max_d + col + k] = mom[k].count;
+      out[kMomentPivot * shape.max_d + col + k] = mom[k].pivot;
+      out[kMomentPivotOffset * shape.max_d + col + k] = mom[k].offset;
+      out[kMomentM2 * shape.max_d + col + k] = mom[k].m2;
+      out[kMomentSquaredError * shape.max_d + col + k] = squared_error[k];
     }
   }
 }
@@ -198,24 +198,25 @@ __global__ void merge_chunks_kernel(const LayerParams* layers, LaunchShape shape
   const LayerParams p = layers[blockIdx.y];
   const int64_t chunk_rows = int64_t(kRowGroups) * kRowsPerThread * shape.tiles_per_chunk;
   Moments<double> mom{0, 0, 0, 0};
-  double sq_err = 0;
+  double squared_error = 0;
   if (j < p.d) {
     for (int64_t c = 0; c < (p.n + chunk_rows - 1) / chunk_rows; ++c) {
       const acc* part = partials +
-                        ((int64_t(blockIdx.y) * shape.num_chunks + c) * kPartialFields) *
+                        ((int64_t(blockIdx.y) * shape.num_chunks + c) * kMomentFields) *
                             shape.max_d + j;
-      chan_merge(mom, Moments<double>{part[0], part[shape.max_d], part[2 * shape.max_d],
-                                      part[3 * shape.max_d]});
-      sq_err += part[4 * shape.max_d];
+      chan_merge(mom, Moments<double>{part[kMomentCount * shape.max_d], part[kMomentPivot * shape.max_d],
+                                      part[kMomentPivotOffset * shape.max_d],
+                                      part[kMomentM2 * shape.max_d]});
+      squared_error += part[kMomentSquaredError * shape.max_d];
     }
   }
   double* stats = dim_stats + int64_t(blockIdx.y) * kDimFields * shape.max_d + j;
   const bool in_layer = j < p.d;
   stats[kCount * shape.max_d] = mom.count;
   stats[kPivot * shape.max_d] = mom.pivot;
-  stats[kMean * shape.max_d] = mom.mean;
+  stats[kPivotOffset * shape.max_d] = mom.offset;
   stats[kSigma * shape.max_d] = in_layer ? sqrt(mom.m2 / (mom.count - 1.0)) : 0.0;
-  stats[kSqErr * shape.max_d] = sq_err;
+  stats[kSquaredError * shape.max_d] = squared_error;
 }
 
 constexpr int kFinalizeThreads = 512;
@@ -252,14 +253,14 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const double w = j < p.d ? eofd_weight(stats[kSigma * max_d + j], scale, power) : 0.0;
     stats[kWeight * max_d + j] = w;
     stats[kCoefS * max_d + j] = 2.0 * w * inv_nd;
-    part += w * stats[kSqErr * max_d + j];
+    part += w * stats[kSquaredError * max_d + j];
   }
   const double weighted = block_sum(part, scratch);
   if (threadIdx.x == 0) losses[blockIdx.x] = weighted * inv_nd;
   const double mean_term = weighted / (d * scale);
   for (int64_t j = threadIdx.x; j < max_d; j += kFinalizeThreads) {
     stats[kCoefT * max_d + j] =
-        j < p.d ? eofd_coef_teacher(stats[kWeight * max_d + j], stats[kSqErr * max_d + j],
+        j < p.d ? eofd_coef_teacher(stats[kWeight * max_d + j], stats[kSquaredError * max_d + j],
                                     stats[kSigma * max_d + j], n_valid, d, power, mean_term)
                 : 0.0;
   }
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(kDimThreads * kRowGroups)
     coef_s[k] = acc(g * stats[kCoefS * shape.max_d + j]);
     coef_t[k] = acc(g * stats[kCoefT * shape.max_d + j]);
     pivot[k] = acc(stats[kPivot * shape.max_d + j]);
-    mean[k] = acc(stats[kMean * shape.max_d + j]);
+    mean[k] = acc(stats[kPivotOffset * shape.max_d + j]);
   }
   const auto* S = static_cast<const T*>(p.student);
   const auto* Tt = static_cast<const T*>(p.teacher);

@@ -9,7 +9,7 @@
 namespace eofd {
 
 // layers: device array of num_layers LayerParams. partials: device workspace of
-// num_layers * num_chunks * kPartialFields * max_d accumulators (double for kFloat64, else float).
+// num_layers * num_chunks * kMomentFields * max_d accumulators (double for kFloat64, else float).
 // dim_stats: (L, kDimFields, max_d) double; losses: (L,) double.
 cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
                            bool has_mask, double power, double eps, void* partials,

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   const auto options = students[0].options();
   const auto acc = table.dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials =
-      at::empty({shape.num_layers * shape.num_chunks * kPartialFields * shape.max_d}, options.dtype(acc));
+      at::empty({shape.num_layers * shape.num_chunks * kMomentFields * shape.max_d}, options.dtype(acc));
   at::Tensor dim_stats = at::empty({shape.num_layers, kDimFields, shape.max_d},
                                    options.dtype(at::kDouble));
   at::Tensor losses = at::empty({shape.num_layers}, options.dtype(at::kDouble));

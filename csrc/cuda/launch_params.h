@@ -25,8 +25,4 @@ constexpr int kRowGroups = 8;       // threadIdx.y
 constexpr int kRowsPerThread = 4;   // a thread's tile: kRowsPerThread rows x one 16-byte vector
 constexpr int kDimThreads = 32;     // threadIdx.x
 
-// Fields of a chunk partial, (L, num_chunks, kPartialFields, max_d): count, pivot, mean
-// offset, M2, sum (S - T)^2 (the Triton kernels use the same layout).
-constexpr int kPartialFields = 5;
-
 }  // namespace eofd

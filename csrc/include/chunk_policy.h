@@ -3,7 +3,7 @@
 //
 // A chunk's moments and sum of (S - T)^2 accumulate in fp32 for fp16/bf16/fp32 inputs, and
 // chunks merge in fp64. An fp32 running sum over n terms loses ~sqrt(n) ulps in practice (a
-// numpy emulation of the CUDA stats kernel's per-thread arithmetic: sq_err relative error
+// numpy emulation of the CUDA stats kernel's per-thread arithmetic: squared_error relative error
 // 3e-7 at n = 4096, 1e-6 at 32768, 2.8e-6 at 131072), so no chunk may hold more than
 // kMaxChunkRows rows, whatever the grid would like: fp32 inputs then meet 1e-6 at any n.
 #pragma once

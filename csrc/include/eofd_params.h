@@ -30,25 +30,39 @@ struct LayerParams {
 };
 
 // Fields of the per-dim statistics, (L, kDimFields, max_d) double; must match
-// eofd_kernels/layout.py. Dims past a layer's d are zero.
+// eofd_kernels/layout.py. Dims past a layer's d are zero. kPivotOffset holds mean - pivot;
+// kSquaredError holds E_d = sum over valid tokens of (S - T)^2.
 enum DimField : int {
   kCount = 0,
   kPivot,
-  kMean,
+  kPivotOffset,
   kSigma,
-  kSqErr,
+  kSquaredError,
   kWeight,
   kCoefS,
   kCoefT,
   kDimFields
 };
 
-// Count, pivot (one actual valid value), mean of (x - pivot), M2 of one dim over some tokens.
+// Fields of the per-dim moments of some tokens, before a finalize turns them into DimFields:
+// the GPU kernels' chunk partials and the Python split-batch summaries, (kMomentFields, d) per
+// layer; must match eofd_kernels/layout.py. The pivot offset is mean - pivot (not the mean).
+enum MomentField : int {
+  kMomentCount = 0,
+  kMomentPivot,
+  kMomentPivotOffset,
+  kMomentM2,
+  kMomentSquaredError,
+  kMomentFields
+};
+
+// Count, pivot (one actual valid value), offset = mean of (x - pivot), M2 of one dim over some
+// tokens.
 template <typename T>
 struct Moments {
   T count;
   T pivot;
-  T mean;
+  T offset;
   T m2;
 };
 
@@ -57,8 +71,8 @@ template <typename T>
 EOFD_HD void chan_merge_nonempty(Moments<T>& a, const Moments<T>& b) {
   const T n = a.count + b.count;
   const T frac = b.count / n;
-  const T delta = (b.pivot - a.pivot) + (b.mean - a.mean);
-  a.mean += delta * frac;
+  const T delta = (b.pivot - a.pivot) + (b.offset - a.offset);
+  a.offset += delta * frac;
   a.m2 += b.m2 + delta * delta * a.count * frac;
   a.count = n;
 }
@@ -86,10 +100,10 @@ EOFD_HD double eofd_weight(double sigma, double scale, double power) {
 // (docs/design.md, "Gradients"). A constant dim (sigma_d = 0) gets 0: its deviations
 // T - mu_d are all 0, so any finite coefficient gives the same dT, and 0 keeps the weight's
 // infinite slope at sigma = 0 (or p = 0 times it) from making 0 * inf = NaN there.
-EOFD_HD double eofd_coef_teacher(double weight, double sq_err, double sigma, double n_valid,
+EOFD_HD double eofd_coef_teacher(double weight, double squared_error, double sigma, double n_valid,
                                  double d, double power, double mean_term) {
   if (sigma == 0.0) return 0.0;
-  const double g = power / (n_valid * d) * (weight * sq_err / sigma - mean_term);
+  const double g = power / (n_valid * d) * (weight * squared_error / sigma - mean_term);
   return g / ((n_valid - 1.0) * sigma);
 }
 

@@ -103,7 +103,7 @@ def teacher_dim_stats_torch(batch: LayerBatch, power: float, eps: float) -> torc
         sigma = _sigma(centred, n_valid)
         weights = _weights(sigma, power, eps)
         for field, value in ((layout.D_COUNT, n_valid), (layout.D_PIVOT, pivot[0]),
-                             (layout.D_MEAN, offset), (layout.D_SIGMA, sigma),
+                             (layout.D_PIVOT_OFFSET, offset), (layout.D_SIGMA, sigma),
                              (layout.D_WEIGHT, weights),
                              (layout.D_COEF_S, 2 * weights / (n_valid * d))):
             stats[i, field, :d] = value
@@ -136,7 +136,7 @@ def backward_torch(grad_losses, students, teachers, masks, dim_stats, need_teach
             d_s = torch.where(m[:, None], d_s, 0.0)
         d_students.append(d_s.to(s.dtype).reshape(s.shape))
         if need_teacher_grad:
-            deviation = (rows_t - stats[layout.D_PIVOT]) - stats[layout.D_MEAN]
+            deviation = (rows_t - stats[layout.D_PIVOT]) - stats[layout.D_PIVOT_OFFSET]
             d_t = g * stats[layout.D_COEF_T] * deviation - d_s
             if m is not None:
                 d_t = torch.where(m[:, None], d_t, 0.0)

@@ -41,15 +41,15 @@ S_PTR, T_PTR, MASK_PTR, N_ROWS, N_DIMS = C(0), C(1), C(2), C(3), C(4)
 S_ROW, S_COL, T_ROW, T_COL, DS_PTR, DT_PTR = C(5), C(6), C(7), C(8), C(9), C(10)
 TABLE_FIELDS = C(11)
 
-# Chunk partials, (L, chunks, PARTIAL_FIELDS, max_d) in the accumulation dtype.
-P_COUNT, P_PIVOT, P_MEAN, P_M2, P_SQERR = C(0), C(1), C(2), C(3), C(4)
-PARTIAL_FIELDS = C(5)
+# Chunk partials, (L, chunks, MOMENT_FIELDS, max_d) in the accumulation dtype (layout.M_*).
+P_COUNT, P_PIVOT, P_PIVOT_OFFSET = C(layout.M_COUNT), C(layout.M_PIVOT), C(layout.M_PIVOT_OFFSET)
+P_M2, P_SQUARED_ERROR = C(layout.M_M2), C(layout.M_SQUARED_ERROR)
+PARTIAL_FIELDS = C(layout.MOMENT_FIELDS)
 
 # Per-dim statistics (eofd_kernels.layout).
-D_COUNT, D_PIVOT, D_MEAN, D_SIGMA = C(layout.D_COUNT), C(layout.D_PIVOT), C(layout.D_MEAN), C(
-    layout.D_SIGMA)
-D_SQ_ERR, D_WEIGHT, D_COEF_S, D_COEF_T = C(layout.D_SQ_ERR), C(layout.D_WEIGHT), C(
-    layout.D_COEF_S), C(layout.D_COEF_T)
+D_COUNT, D_PIVOT, D_PIVOT_OFFSET = C(layout.D_COUNT), C(layout.D_PIVOT), C(layout.D_PIVOT_OFFSET)
+D_SIGMA, D_SQUARED_ERROR = C(layout.D_SIGMA), C(layout.D_SQUARED_ERROR)
+D_WEIGHT, D_COEF_S, D_COEF_T = C(layout.D_WEIGHT), C(layout.D_COEF_S), C(layout.D_COEF_T)
 DIM_FIELDS = C(layout.DIM_FIELDS)
 
 _TL_DTYPES = {
@@ -155,14 +155,14 @@ def _stats_kernel(
     pivot = tl.zeros((BLOCK_D,), ACC)
     mean = tl.zeros((BLOCK_D,), ACC)
     m2 = tl.zeros((BLOCK_D,), ACC)
-    sq_err = tl.zeros((BLOCK_D,), ACC)
+    squared_error = tl.zeros((BLOCK_D,), ACC)
     for tile in range(TILES_PER_CHUNK):
         rows = (chunk * TILES_PER_CHUNK + tile) * BLOCK_N + tile_rows
         s, t, valid = _load_tile(table_row, rows, cols, n, d, S_DTYPE, T_DTYPE, ACC, HAS_MASK,
                                  BLOCK_D, ALIGNED)
         valid2 = valid[:, None]
         diff = s - t
-        sq_err += tl.sum(tl.where(valid2, diff * diff, 0.0), axis=0)
+        squared_error += tl.sum(tl.where(valid2, diff * diff, 0.0), axis=0)
         # Tile-exact two-pass stats around the tile's first valid row.
         tile_count = tl.sum(valid.to(ACC), axis=0)
         first = tl.min(tl.where(valid, tile_rows, BLOCK_N), axis=0)
@@ -178,9 +178,9 @@ def _stats_kernel(
     keep = cols < max_d
     tl.store(out + P_COUNT * max_d, count, mask=keep)
     tl.store(out + P_PIVOT * max_d, pivot, mask=keep)
-    tl.store(out + P_MEAN * max_d, mean, mask=keep)
+    tl.store(out + P_PIVOT_OFFSET * max_d, mean, mask=keep)
     tl.store(out + P_M2 * max_d, m2, mask=keep)
-    tl.store(out + P_SQERR * max_d, sq_err, mask=keep)
+    tl.store(out + P_SQUARED_ERROR * max_d, squared_error, mask=keep)
 
 
 @triton.jit
@@ -198,17 +198,18 @@ def _merge_chunks_kernel(table, partials, dim_stats, num_chunks, max_d, CHUNK_RO
     pivot = tl.zeros((BLOCK_D,), tl.float64)
     mean = tl.zeros((BLOCK_D,), tl.float64)
     m2 = tl.zeros((BLOCK_D,), tl.float64)
-    sq_err = tl.zeros((BLOCK_D,), tl.float64)
+    squared_error = tl.zeros((BLOCK_D,), tl.float64)
     for chunk in range(0, tl.cdiv(n, CHUNK_ROWS)):
         part = partials + (layer * num_chunks + chunk) * PARTIAL_FIELDS * max_d + cols
         count, pivot, mean, m2 = _chan_merge(
             count, pivot, mean, m2,
             tl.load(part + P_COUNT * max_d, mask=keep, other=0.0).to(tl.float64),
             tl.load(part + P_PIVOT * max_d, mask=keep, other=0.0).to(tl.float64),
-            tl.load(part + P_MEAN * max_d, mask=keep, other=0.0).to(tl.float64),
+            tl.load(part + P_PIVOT_OFFSET * max_d, mask=keep, other=0.0).to(tl.float64),
             tl.load(part + P_M2 * max_d, mask=keep, other=0.0).to(tl.float64),
         )
-        sq_err += tl.load(part + P_SQERR * max_d, mask=keep, other=0.0).to(tl.float64)
+        squared_error += tl.load(part + P_SQUARED_ERROR * max_d, mask=keep,
+                                 other=0.0).to(tl.float64)
 
     # Dims past this layer's d are zero, so the padded rows of dim_stats are deterministic.
     in_layer = cols < d
@@ -216,9 +217,9 @@ def _merge_chunks_kernel(table, partials, dim_stats, num_chunks, max_d, CHUNK_RO
     out = dim_stats + layer * DIM_FIELDS * max_d + cols
     tl.store(out + D_COUNT * max_d, tl.where(in_layer, count, 0.0), mask=keep)
     tl.store(out + D_PIVOT * max_d, tl.where(in_layer, pivot, 0.0), mask=keep)
-    tl.store(out + D_MEAN * max_d, tl.where(in_layer, mean, 0.0), mask=keep)
+    tl.store(out + D_PIVOT_OFFSET * max_d, tl.where(in_layer, mean, 0.0), mask=keep)
     tl.store(out + D_SIGMA * max_d, tl.where(in_layer, sigma, 0.0), mask=keep)
-    tl.store(out + D_SQ_ERR * max_d, tl.where(in_layer, sq_err, 0.0), mask=keep)
+    tl.store(out + D_SQUARED_ERROR * max_d, tl.where(in_layer, squared_error, 0.0), mask=keep)
 
 
 @triton.jit
@@ -254,9 +255,9 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d,
         cols = start + offs
         in_layer = cols < d
         sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
-        sq_err = tl.load(stats + D_SQ_ERR * max_d + cols, mask=in_layer, other=0.0)
+        squared_error = tl.load(stats + D_SQUARED_ERROR * max_d + cols, mask=in_layer, other=0.0)
         weight = tl.where(in_layer, _power(sigma / scale, power), 0.0)
-        wsq_sum += weight * sq_err
+        wsq_sum += weight * squared_error
         tl.store(stats + D_WEIGHT * max_d + cols, weight, mask=cols < max_d)
         tl.store(stats + D_COEF_S * max_d + cols, 2.0 * weight * inv_nd, mask=cols < max_d)
     weighted = tl.sum(wsq_sum, axis=0)
@@ -268,9 +269,9 @@ def _finalize_layers_kernel(table, dim_stats, losses, max_d,
         cols = start + offs
         in_layer = cols < d
         sigma = tl.load(stats + D_SIGMA * max_d + cols, mask=in_layer, other=1.0)
-        sq_err = tl.load(stats + D_SQ_ERR * max_d + cols, mask=in_layer, other=0.0)
+        squared_error = tl.load(stats + D_SQUARED_ERROR * max_d + cols, mask=in_layer, other=0.0)
         weight = tl.load(stats + D_WEIGHT * max_d + cols, mask=in_layer, other=0.0)
-        g_d = power * inv_nd * (weight * sq_err / sigma - mean_term)
+        g_d = power * inv_nd * (weight * squared_error / sigma - mean_term)
         # A constant dim (sigma = 0) gets 0, like eofd_coef_teacher in csrc/include/eofd_params.h.
         coef_t = tl.where(in_layer & (sigma != 0.0), g_d / ((n_valid - 1.0) * sigma), 0.0)
         tl.store(stats + D_COEF_T * max_d + cols, coef_t, mask=cols < max_d)
@@ -306,7 +307,7 @@ def _backward_kernel(
     coef_s = (g * tl.load(stats + D_COEF_S * max_d, mask=col_ok, other=0.0)).to(ACC)[None, :]
     coef_t = (g * tl.load(stats + D_COEF_T * max_d, mask=col_ok, other=0.0)).to(ACC)[None, :]
     pivot = tl.load(stats + D_PIVOT * max_d, mask=col_ok, other=0.0).to(ACC)[None, :]
-    mean = tl.load(stats + D_MEAN * max_d, mask=col_ok, other=0.0).to(ACC)[None, :]
+    mean = tl.load(stats + D_PIVOT_OFFSET * max_d, mask=col_ok, other=0.0).to(ACC)[None, :]
     ds_base = tl.load(table_row + DS_PTR).to(tl.pointer_type(S_DTYPE))
     dt_base = tl.load(table_row + DT_PTR).to(tl.pointer_type(T_DTYPE))
     tile_rows = tl.arange(0, BLOCK_N).to(tl.int64)
