@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerBatch", "REDUCTIONS", "check_power_eps", "prepare_layers", "reduce_layers"]
+__all__ = ["LayerBatch", "REDUCTIONS", "check_power_eps", "check_reduction", "check_weights",
+           "prepare_layers", "reduce_layers"]
 
 REDUCTIONS = ("sum", "mean", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,12 +59,13 @@ def _as_layer_list(x, name: str) -> list[torch.Tensor]:
     raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
-def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor, names: tuple[str, str]) -> None:
+def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor, names: tuple[str, str],
+                min_tokens: int) -> None:
     # One cheap test for the usual case (it runs per layer on every training step); the
     # checks after it explain which part of it failed.
     if (s.shape == t.shape and s.dim() >= 2 and s.dtype in _FLOAT_DTYPES
             and t.dtype in _FLOAT_DTYPES and s.device == t.device and s.shape[-1] > 0
-            and s.numel() >= 2 * s.shape[-1] and s.layout == t.layout == torch.strided
+            and s.numel() >= min_tokens * s.shape[-1] and s.layout == t.layout == torch.strided
             and s.device.type != "meta"):
         return
     where = f"layer {i}: "
@@ -95,21 +97,20 @@ def _check_pair(i: int, s: torch.Tensor, t: torch.Tensor, names: tuple[str, str]
         )
     if s.device != t.device:
         raise ValueError(f"{where}student is on {s.device} but teacher is on {t.device}")
-    if s.numel() // s.shape[-1] < 2:
+    if s.numel() // s.shape[-1] < min_tokens:
         raise ValueError(
             f"{where}the teacher std needs at least 2 tokens, got shape {tuple(t.shape)}"
         )
 
 
 def _check_mask_values(i: int, m: torch.Tensor) -> None:
-    """A non-bool mask must hold only 0 and 1 (0.5 is not a token weight). Reading the values
-    is a device sync on a GPU: bool masks skip it, and so does tracing (torch.compile)."""
-    if torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(m):
+    """A non-bool mask must hold only 0 and 1 (0.5 is not a token weight). Checked on the
+    device (``_assert_async``): no host read, so no sync on a GPU, where a bad value stops
+    the program at the next synchronisation with this message; on a CPU it raises here."""
+    if torch._subclasses.fake_tensor.is_fake(m):
         return
-    bad = (m != 0) & (m != 1)
-    if bad.any():
-        raise ValueError(f"mask[{i}]: a {m.dtype} mask must hold only 0 and 1 (or be bool), "
-                         f"got {m[bad][0].item()!r}")
+    torch._assert_async(((m == 0) | (m == 1)).all(),
+                        f"mask[{i}]: a {m.dtype} mask must hold only 0 and 1 (or be bool)")
 
 
 def _check_mask(i: int, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -146,8 +147,9 @@ def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | 
                 f"mask: shape {tuple(mask.shape)} matches the leading shape of no layer "
                 f"(layers have {shapes})"
             )
-        return [_check_mask(i, mask, t) if ok else None for i, (t, ok) in
-                enumerate(zip(teachers, matching))]
+        first = matching.index(True)
+        checked = _check_mask(first, mask, teachers[first])  # one check for every layer
+        return [checked if ok else None for ok in matching]
     if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
         masks = list(mask)
         if len(masks) != num_layers:
@@ -158,8 +160,11 @@ def _masks_per_layer(mask, teachers: list[torch.Tensor]) -> list[torch.Tensor | 
 
 
 def prepare_layers(student, teacher, mask=None,
-                   names: tuple[str, str] = ("student", "teacher")) -> LayerBatch:
-    """Check the layers and masks of one call; ``names`` are the arguments' names in errors."""
+                   names: tuple[str, str] = ("student", "teacher"),
+                   min_tokens: int = 2) -> LayerBatch:
+    """Check the layers and masks of one call; ``names`` are the arguments' names in errors.
+    ``min_tokens``: tokens a layer needs by shape (1 for a rank's shard of a split batch: the
+    std is the whole batch's)."""
     students = _as_layer_list(student, names[0])
     teachers = _as_layer_list(teacher, names[1])
     if len(students) != len(teachers):
@@ -167,7 +172,7 @@ def prepare_layers(student, teacher, mask=None,
             f"student has {len(students)} layers but teacher has {len(teachers)} layers"
         )
     for i, (s, t) in enumerate(zip(students, teachers)):
-        _check_pair(i, s, t, names)
+        _check_pair(i, s, t, names, min_tokens)
     devices = {t.device for t in teachers}
     if len(devices) > 1:
         raise ValueError(f"all layers must be on one device, got {sorted(map(str, devices))}")
@@ -176,59 +181,103 @@ def prepare_layers(student, teacher, mask=None,
 
 
 def check_power_eps(power, eps) -> tuple[float, float]:
-    """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0."""
+    """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0. Under
+    ``torch.compile(dynamic=True)`` they may be symbolic: traced as they are, unchecked
+    (checking would specialise the graph on their values)."""
+    symbolic = (torch.SymFloat, torch.SymInt)
     for name, value in (("power", power), ("eps", eps)):
+        if isinstance(value, symbolic):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{name}: must be finite, got {value}")
-    if eps < 0:
+    if not isinstance(eps, symbolic) and eps < 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
-    return float(power), float(eps)
+    return tuple(x if isinstance(x, symbolic) else float(x) for x in (power, eps))
 
 
-def _layer_weight_tensor(layer_weights, losses: torch.Tensor) -> torch.Tensor:
-    """lambda as an ``(L,)`` tensor in the losses' dtype, keeping the graph of any tensor in it
-    (a stacked tensor, or a list / ParameterList of learned weights)."""
-    if isinstance(layer_weights, torch.Tensor):
-        lam = layer_weights
-    elif isinstance(layer_weights, (str, bytes)) or not hasattr(layer_weights, "__iter__"):
+def _layer_weight_items(layer_weights, num_layers: int) -> list:
+    """The lambdas of a sequence: Python numbers, or one-element tensors (kept with their
+    graph: a ParameterList of learned weights)."""
+    if isinstance(layer_weights, (str, bytes)) or not hasattr(layer_weights, "__iter__"):
         raise TypeError(f"layer_weights: expected a tensor or a sequence of numbers, got "
                         f"{type(layer_weights).__name__}")
-    else:
-        items = []
-        for i, x in enumerate(layer_weights):
-            if isinstance(x, torch.Tensor) and x.numel() == 1:
-                items.append(x.reshape(()).to(device=losses.device, dtype=losses.dtype))
-            elif isinstance(x, (int, float)) and not isinstance(x, bool):
-                items.append(torch.tensor(float(x), dtype=losses.dtype, device=losses.device))
-            else:
-                raise TypeError(f"layer_weights[{i}]: expected a number or a one-element "
-                                f"tensor, got {type(x).__name__}")
-        lam = torch.stack(items) if items else losses.new_empty(0)
+    items = list(layer_weights)
+    for i, x in enumerate(items):
+        numeric = isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not (numeric or (isinstance(x, torch.Tensor) and x.numel() == 1)):
+            raise TypeError(f"layer_weights[{i}]: expected a number or a one-element tensor, "
+                            f"got {type(x).__name__}")
+    if len(items) != num_layers:
+        raise ValueError(f"layer_weights: expected {num_layers} weights (one per layer), "
+                         f"got {len(items)}")
+    return items
+
+
+def _check_lambda_tensor(lam: torch.Tensor, losses: torch.Tensor, name: str) -> None:
     if not (lam.is_floating_point() or lam.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"layer_weights: expected real numbers, got {lam.dtype}")
+        raise TypeError(f"{name}: expected real numbers, got {lam.dtype}")
     if lam.device != losses.device:
-        raise ValueError(f"layer_weights: on {lam.device} but the layers are on {losses.device}")
-    return lam.to(losses.dtype)
+        raise ValueError(f"{name}: on {lam.device} but the layers are on {losses.device}")
+
+
+def _weighted_layers(losses: torch.Tensor, layer_weights) -> torch.Tensor:
+    """``lambda_l * loss_l``. Python numbers multiply as scalars (no host-to-device copy per
+    call); tensors keep their graph, so learned lambdas get gradients."""
+    num_layers = losses.shape[0]
+    if isinstance(layer_weights, torch.Tensor):
+        _check_lambda_tensor(layer_weights, losses, "layer_weights")
+        if layer_weights.shape != (num_layers,):
+            raise ValueError(f"layer_weights: expected {num_layers} weights (one per layer), "
+                             f"got shape {tuple(layer_weights.shape)}")
+        return losses * layer_weights.to(losses.dtype)
+    items = _layer_weight_items(layer_weights, num_layers)
+    weighted = []
+    for i, (loss, lam) in enumerate(zip(losses.unbind(0), items)):
+        if isinstance(lam, torch.Tensor):
+            _check_lambda_tensor(lam, losses, f"layer_weights[{i}]")
+            lam = lam.reshape(()).to(losses.dtype)
+        weighted.append(loss * lam)
+    return torch.stack(weighted) if weighted else losses
 
 
 def reduce_layers(losses: torch.Tensor, layer_weights, reduction: str) -> torch.Tensor:
     """``reduce_l(lambda_l * loss_l)`` over the ``(L,)`` per-layer losses."""
-    num_layers = losses.shape[0]
     if layer_weights is not None:
-        lam = _layer_weight_tensor(layer_weights, losses)
-        if lam.shape != (num_layers,):
-            raise ValueError(
-                f"layer_weights: expected {num_layers} weights (one per layer), "
-                f"got shape {tuple(lam.shape)}"
-            )
-        losses = losses * lam
+        losses = _weighted_layers(losses, layer_weights)
     if reduction == "sum":
         return losses.sum()
     if reduction == "mean":
         return losses.mean()
     return losses
+
+
+def check_weights(weights, dims: list[int], device: torch.device) -> list[torch.Tensor]:
+    """Given per-dim weights: one real ``(d,)`` tensor per layer on the layers' device. Their
+    values must be finite and >= 0: checked on the device, without a host read."""
+    if isinstance(weights, torch.Tensor):
+        weights = [weights]
+    if not isinstance(weights, Sequence) or isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights: expected a (d,) tensor or a sequence of them, got "
+                        f"{type(weights).__name__}")
+    if len(weights) != len(dims):
+        raise ValueError(f"weights: expected one (d,) tensor per layer ({len(dims)} layers), "
+                         f"got {len(weights)}")
+    for i, (w, d) in enumerate(zip(weights, dims)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weights[{i}]: expected a tensor, got {type(w).__name__}")
+        if w.shape != (d,):
+            raise ValueError(f"weights[{i}]: expected shape ({d},) for layer {i}, got "
+                             f"{tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise TypeError(f"weights[{i}]: expected a real floating-point tensor, got {w.dtype}")
+        if w.device != device:
+            raise ValueError(f"weights[{i}]: on {w.device} but the layers are on {device}")
+        if not torch._subclasses.fake_tensor.is_fake(w) and w.device.type != "meta":
+            torch._assert_async((torch.isfinite(w) & (w >= 0)).all(),
+                                f"weights[{i}]: every weight must be finite and >= 0")
+    return list(weights)
 
 
 def check_reduction(reduction) -> str:

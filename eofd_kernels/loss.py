@@ -1,10 +1,11 @@
 """The public entry points: ``eofd_loss``, ``EOFDLoss`` and ``teacher_weights``.
 
-The path to a kernel: :func:`eofd_loss` checks the arguments (:mod:`.inputs`), picks a
-backend (:mod:`.backends`) and reduces its per-layer losses over the layers. A backend's
-module (``backends/<name>_backend.py``) calls its ops; for ``triton`` and ``ext`` the op's
-forward computes sigma_d in its statistics pass (``backends/triton_kernels.py:_stats_kernel``,
-``csrc/cpu/statistics_pass.h``, ``csrc/cuda/eofd_cuda.cu``): docs/design.md walks through it.
+The path to a kernel: the arguments are checked (:mod:`.inputs`), the registry gives the
+backend object (:mod:`.backends`), and the one autograd path (:mod:`.layer_losses`) runs its
+statistics pass and finalize forward and its backward backward; the layers are then reduced.
+For ``triton`` and ``ext`` the statistics pass computes sigma_d in a kernel
+(``backends/triton_kernels.py:_stats_kernel``, ``csrc/cpu/statistics_pass.h``,
+``csrc/cuda/eofd_cuda.cu``): docs/design.md walks through it.
 """
 
 from __future__ import annotations
@@ -12,41 +13,75 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import check_backend, resolve_backend
-from .backends.grad_ahead import GradAhead
-from .backends.torch_backend import layer_weights_torch
-from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
-from .merged_stats import group_layer_losses, group_teacher_weights
+from . import layout
+from .backends import check_backend, get_backend
+from .inputs import (
+    LayerBatch,
+    check_power_eps,
+    check_reduction,
+    check_weights,
+    prepare_layers,
+    reduce_layers,
+)
+from .layer_losses import GradAhead, MergedStatistics, layer_losses
+from .moments import finalize
 
 __all__ = ["EOFDLoss", "eofd_loss", "teacher_weights"]
 
 
-def _under_functorch(batch) -> bool:
-    """True inside ``torch.func`` transforms (vmap, grad, jacrev, ...), which only the torch
-    backend's plain ops support."""
+def _under_functorch(batch: LayerBatch) -> bool:
+    """True inside ``torch.func`` transforms (vmap, grad, jacrev, ...), which only plain
+    differentiable ops support."""
     if torch.compiler.is_compiling():  # dynamo cannot trace the check; it runs functorch itself
         return False
     return any(torch._C._functorch.is_functorch_wrapped_tensor(x)
                for x in batch.students + batch.teachers)
 
 
-def _layer_losses(student, teacher, mask, power, eps, backend, grad_ahead,
+def _checked_call(student, teacher, mask, power, eps, backend, process_group, weights,
+                  names=("student", "teacher")):
+    """``(batch, power, eps, backend object, weights)`` of a call, checked. With a process
+    group, every rank's argument errors and what the ranks must agree on are exchanged first
+    (:func:`eofd_kernels.split_batches.agree`), so all raise the same error."""
+    error, contract = None, None
+    try:
+        batch = prepare_layers(student, teacher, mask, names=names,
+                               min_tokens=1 if process_group is not None else 2)
+        power, eps = check_power_eps(power, eps)
+        device = batch.teachers[0].device
+        dims = [t.shape[-1] for t in batch.teachers]
+        if weights is not None:
+            weights = check_weights(weights, dims, device)
+        backend = get_backend(backend, device)
+        contract = {"power": power, "eps": eps, "layer widths": dims,
+                    "student dtypes": [str(s.dtype) for s in batch.students],
+                    "teacher dtypes": [str(t.dtype) for t in batch.teachers],
+                    "weights given": weights is not None, "backend": backend.name}
+    except (ValueError, TypeError, RuntimeError) as caught:
+        if process_group is None:
+            raise
+        error = caught
+    if process_group is not None:
+        from .split_batches import agree
+
+        agree(process_group, error, contract)
+    return batch, power, eps, backend, weights
+
+
+def _layer_losses(student, teacher, mask, power, eps, backend, grad_ahead=None,
                   process_group=None, weights=None) -> torch.Tensor:
-    batch = prepare_layers(student, teacher, mask)
-    power, eps = check_power_eps(power, eps)
-    device = batch.teachers[0].device
+    batch, power, eps, picked, weights = _checked_call(student, teacher, mask, power, eps,
+                                                       backend, process_group, weights)
     if _under_functorch(batch):
-        name = check_backend(backend)
-        if name in ("triton", "ext") or process_group is not None or weights is not None:
-            feature = (f"backend={name!r}" if name in ("triton", "ext")
-                       else "process_group / weights")
+        if backend in ("triton", "ext") or weights is not None or process_group is not None:
+            feature = (f"backend={backend!r}" if backend in ("triton", "ext")
+                       else "weights= / process_group=")
             raise RuntimeError(f"{feature} does not support torch.func transforms (vmap, grad, "
-                               "jacrev, ...); use backend='torch' (or 'auto') without them")
-        return resolve_backend("torch" if name == "auto" else name, device)(batch, power, eps)
-    if process_group is not None or weights is not None:
-        return group_layer_losses(batch, power, eps, check_backend(backend), process_group,
-                                  weights)
-    return resolve_backend(backend, device)(batch, power, eps, grad_ahead)
+                               "jacrev, ...); use backend='torch' (or 'auto') without it")
+        plain = get_backend("torch" if backend == "auto" else backend, batch.teachers[0].device)
+        return plain.differentiable_losses(batch, power, eps)
+    return layer_losses(batch, picked, power, eps, grad_ahead=grad_ahead,
+                        process_group=process_group, weights=weights)
 
 
 def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=None,
@@ -69,10 +104,13 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
         process_group: a ``torch.distributed`` group whose ranks each pass their own tokens of
             one batch: the loss is the whole batch's, the same on every rank, and the backward
             gives each rank ``world_size x`` the gradient with respect to its S and T (so DDP's
-            averaging gives the single-process gradient). One small collective per call.
-        weights: precomputed ``w_d`` per layer (``(d,)`` tensors, e.g. ``teacher_weights`` of
-            a whole optimizer batch) used instead of this call's: no gradient reaches the
-            teacher through them. The loss still divides by this call's valid tokens.
+            averaging gives the single-process gradient). A rank may hold one token, or only
+            padding. One small collective for the arguments, one for the moments.
+        weights: given ``w_d`` per layer (``(d,)`` tensors, finite and >= 0, e.g.
+            ``teacher_weights`` of a whole optimizer batch) used instead of this call's: no
+            gradient reaches the teacher through them; weights that require grad get theirs
+            (learned per-dim weights). The loss divides by this call's valid tokens (at
+            least one: a micro-batch of padding contributes 0).
 
     Returns:
         float32 (float64 when an input is float64) loss. Stateless: a training loop that
@@ -86,7 +124,8 @@ def eofd_loss(student, teacher, *, power: float = 0.5, mask=None, layer_weights=
 
 
 class EOFDLoss(nn.Module):
-    """:func:`eofd_loss` as a module: ``forward(student, teacher, mask, layer_weights)``.
+    """:func:`eofd_loss` as a module: ``forward(student, teacher, mask, layer_weights,
+    weights)``.
 
     Arguments are checked here, at construction. The module owns a :class:`GradAhead`
     (``grad_ahead``): the incoming grads its last backward brought, which an eager CPU
@@ -114,17 +153,19 @@ class EOFDLoss(nn.Module):
                 f"backend={self.backend!r}")
 
 
+@torch.no_grad()
 def teacher_weights(teacher, *, power: float = 0.5, mask=None, eps: float = 0.0,
-                    process_group=None):
-    """The weights ``w_d`` (no grad): a ``(d,)`` tensor for one layer, else a list of them.
+                    backend: str = "auto", process_group=None):
+    """The weights ``w_d`` (no grad): a ``(d,)`` tensor for one layer, else a list of them,
+    from ``backend``'s statistics pass and the float64 finalize.
 
     With a ``process_group``, of the whole batch whose tokens the ranks hold between them.
     """
-    power, eps = check_power_eps(power, eps)
-    batch = prepare_layers(teacher, teacher, mask, names=("teacher", "teacher"))
-    if process_group is None:
-        weights = layer_weights_torch(batch, power, eps)
-    else:
-        weights = group_teacher_weights(batch, power, eps, process_group)
+    batch, power, eps, backend, _ = _checked_call(teacher, teacher, mask, power, eps, backend,
+                                                  process_group, None,
+                                                  names=("teacher", "teacher"))
+    moments = MergedStatistics(process_group).moments(backend, batch)
+    dims = [t.shape[-1] for t in batch.teachers]
+    _, stats = finalize(moments, dims, power, eps)
+    weights = [stats[i, layout.D_WEIGHT, :d].to(batch.result_dtype) for i, d in enumerate(dims)]
     return weights[0] if isinstance(teacher, torch.Tensor) else weights
-

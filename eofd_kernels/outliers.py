@@ -1,11 +1,12 @@
 """The teacher's outlier dimensions, from the same per-dim statistics as the loss.
 
-``OutlierScan`` streams hidden states batch by batch: each batch's per-dim summaries (count,
-pivoted mean, M2) come from the backend's statistics pass (``merged_stats.local_summaries``,
-the loss's own sigma_d) and merge into the running ones with Chan's formula, so a corpus is
-scanned in memory bounded by ``L x d``, masked padding never counts, and the result equals one
-pass over everything. ``report`` then applies a criterion per layer and groups the dims the
-way the paper's Appendix H lists them ("recognized k times across all L layers").
+``OutlierScan`` streams hidden states batch by batch: each batch's per-dim moments (count,
+pivoted mean, M2) come from the backend's statistics pass (``Backend.moments``, the loss's own
+sigma_d) and merge into the running ones with Chan's formula (:mod:`eofd_kernels.moments`),
+so a corpus is scanned in memory bounded by ``L x d``, masked padding never counts, and the
+result equals one pass over everything. ``report`` then applies a criterion per layer and
+groups the dims the way the paper's Appendix H lists them ("recognized k times across all L
+layers").
 
 Criteria (``threshold`` in brackets: the default):
 
@@ -16,7 +17,7 @@ Criteria (``threshold`` in brackets: the default):
   factor offline, so it is a parameter.
 * ``"magnitude"`` [3]: the dim's mean activation lies at least threshold x sigma_layer from
   the mean of all the layer's values (sigma_layer: the std of all its values, pooled from the
-  per-dim summaries): the dims whose activations are consistently of outlying magnitude
+  per-dim moments): the dims whose activations are consistently of outlying magnitude
   (Kovaleva et al. 2021; Puccetti et al. 2022 relate them to token frequency). A per-token
   share above 3 sigma would need a second pass over the data; this streaming scan does not
   make one.
@@ -25,21 +26,16 @@ Criteria (``threshold`` in brackets: the default):
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .backends import op_pair, pick_backend
+from . import layout
+from .backends import check_backend, get_backend
 from .inputs import check_power_eps, prepare_layers
-from .merged_stats import (
-    S_COUNT,
-    S_M2,
-    S_PIVOT,
-    S_PIVOT_OFFSET,
-    local_summaries,
-    merge_summaries,
-)
+from .moments import finalize, merge_moments
 
 __all__ = ["CRITERIA", "OutlierReport", "OutlierScan", "outlier_dims"]
 
@@ -89,7 +85,9 @@ class OutlierReport:
         lines.append(f"per layer, the top {top} dims by sigma_d/sbar (w_d at p={self.power:g}); "
                      "share of the loss weight on the layer's outlier dims:")
         for i, layer in enumerate(self.layers):
-            tops = ", ".join(f"{d}: {layer.sigma[d] / layer.sbar:.1f} (w {layer.weights[d]:.2f})"
+            # A constant layer has sbar = 0: its ratios are undefined (NaN, as its weights).
+            ratios = [x / layer.sbar if layer.sbar else float("nan") for x in layer.sigma]
+            tops = ", ".join(f"{d}: {ratios[d]:.1f} (w {layer.weights[d]:.2f})"
                              for d in layer.top(top))
             lines.append(f"  layer {i + 1}: {tops}; share {layer.weight_share:.1%}")
         return "\n".join(lines)
@@ -101,11 +99,11 @@ class OutlierReport:
 
 
 class OutlierScan:
-    """Running per-dim summaries of hidden states, one entry per layer (mergeable)."""
+    """Running per-dim moments of hidden states, one entry per layer (mergeable)."""
 
     def __init__(self, backend: str = "auto"):
-        self.backend = backend
-        self.summaries: torch.Tensor | None = None  # (L, 5, max d) float64, on the CPU
+        self.backend = check_backend(backend)
+        self.moments: torch.Tensor | None = None  # (L, MOMENT_FIELDS, max d) float64, CPU
         self.dims: list[int] | None = None
 
     def update(self, hidden_states, mask=None) -> OutlierScan:
@@ -116,20 +114,23 @@ class OutlierScan:
         dims = [t.shape[-1] for t in batch.teachers]
         if self.dims is not None and dims != self.dims:
             raise ValueError(f"hidden_states: layers of widths {dims}, the scan holds {self.dims}")
-        forward_op, _ = op_pair(pick_backend(self.backend, batch.teachers[0].device))
+        backend = get_backend(self.backend, batch.teachers[0].device)
         with torch.no_grad():
-            part = local_summaries(batch, forward_op).cpu()
+            part = backend.moments(batch).cpu()
         return self._add(part, dims)
 
     def merge(self, other: OutlierScan) -> OutlierScan:
-        """Fold another scan's summaries into this one (another process's, a shard's)."""
-        return self if other.summaries is None else self._add(other.summaries, other.dims)
+        """Fold another scan's moments into this one (another process's, a shard's)."""
+        if not isinstance(other, OutlierScan):
+            raise TypeError(f"other: expected an OutlierScan, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("other: a scan merged with itself would count its tokens twice")
+        return self if other.moments is None else self._add(other.moments, other.dims)
 
     def _add(self, part: torch.Tensor, dims: list[int]) -> OutlierScan:
-        if self.summaries is not None and dims != self.dims:
+        if self.moments is not None and dims != self.dims:
             raise ValueError(f"other: layers of widths {dims}, the scan holds {self.dims}")
-        self.summaries = part if self.summaries is None else merge_summaries([self.summaries,
-                                                                               part])
+        self.moments = part if self.moments is None else merge_moments([self.moments, part])
         self.dims = dims
         return self
 
@@ -137,34 +138,43 @@ class OutlierScan:
                power: float = 0.5) -> OutlierReport:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion: expected one of {sorted(CRITERIA)}, got {criterion!r}")
-        if self.summaries is None:
+        if self.moments is None:
             raise ValueError("report: the scan has seen no hidden states (call update first)")
-        threshold = CRITERIA[criterion] if threshold is None else float(threshold)
+        threshold = CRITERIA[criterion] if threshold is None else _check_threshold(threshold)
         power, _ = check_power_eps(power, 0.0)
-        layers = [_layer(self.summaries[i, :, :d], criterion, threshold, power)
+        _, stats = finalize(self.moments, self.dims, power, 0.0)
+        layers = [_layer(self.moments[i, :, :d], stats[i, :, :d], criterion, threshold)
                   for i, d in enumerate(self.dims)]
-        tokens = int(self.summaries[0, S_COUNT, 0])
+        tokens = int(self.moments[0, layout.M_COUNT, 0])
         return OutlierReport(criterion, threshold, power, tokens, layers)
 
 
-def _layer(summary: torch.Tensor, criterion: str, threshold: float,
-           power: float) -> LayerOutliers:
-    count = summary[S_COUNT]
-    variance = summary[S_M2] / (count - 1)
-    sigma = variance.sqrt()
-    sbar = sigma.mean()
-    weights = (sigma / sbar) ** power
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold: expected a number, got {type(threshold).__name__} "
+                        f"({threshold!r})")
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold: expected a finite number >= 0, got {threshold}")
+    return float(threshold)
+
+
+def _layer(moments: torch.Tensor, stats: torch.Tensor, criterion: str,
+           threshold: float) -> LayerOutliers:
+    """One layer's outliers from its ``(MOMENT_FIELDS, d)`` moments and finalized stats."""
+    count, m2 = moments[layout.M_COUNT], moments[layout.M_M2]
+    sigma, weights = stats[layout.D_SIGMA], stats[layout.D_WEIGHT]
+    variance = sigma.square()
     if criterion == "variance":
         outlier = variance >= threshold * variance.mean()
     else:
-        means = summary[S_PIVOT] + summary[S_PIVOT_OFFSET]
+        means = moments[layout.M_PIVOT] + moments[layout.M_PIVOT_OFFSET]
         layer_mean = means.mean()
         # Pooled variance of all the layer's values: within-dim (biased) plus between-dim.
-        layer_var = (summary[S_M2] / count + (means - layer_mean) ** 2).mean()
+        layer_var = (m2 / count + (means - layer_mean) ** 2).mean()
         outlier = (means - layer_mean).abs() >= threshold * layer_var.sqrt()
     dims = sorted(torch.nonzero(outlier).flatten().tolist(), key=lambda d: -sigma[d].item())
     share = (weights[outlier].sum() / weights.sum()).item()
-    return LayerOutliers(sigma.tolist(), sbar.item(), weights.tolist(), dims, share)
+    return LayerOutliers(sigma.tolist(), sigma.mean().item(), weights.tolist(), dims, share)
 
 
 def outlier_dims(hidden_states, *, mask=None, criterion: str = "variance",

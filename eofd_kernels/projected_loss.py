@@ -25,11 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import layout
-from .backends import op_pair, pick_backend
-from .backends.teacher_stats import teacher_dim_stats
-from .backends.torch_backend import masked_difference
-from .inputs import check_power_eps, check_reduction, prepare_layers, reduce_layers
-from .merged_stats import teacher_coefficient
+from .backends import Backend, get_backend
+from .inputs import LayerBatch, check_power_eps, check_reduction, prepare_layers, reduce_layers
+from .moments import dim_stats_to_moments, finalize
 
 __all__ = ["eofd_projected_loss"]
 
@@ -65,6 +63,11 @@ def _check_layer(i: int, x: Tensor, w: Tensor, b: Tensor | None, t: Tensor) -> N
                          f"{tuple(t.shape)} must have the same leading (token) shape")
     if not x.is_floating_point():
         raise TypeError(f"layer {i}: student_hidden must be floating point, got {x.dtype}")
+    dtypes = {x.dtype, w.dtype} | ({b.dtype} if b is not None else set())
+    if len(dtypes) > 1 and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"layer {i}: student_hidden ({x.dtype}), weight ({w.dtype}) and bias "
+                        f"({None if b is None else b.dtype}) must share one dtype outside "
+                        "autocast, as the projection x @ weight.T + bias needs")
     devices = {x.device, w.device, t.device} | ({b.device} if b is not None else set())
     if len(devices) > 1:
         raise ValueError(f"layer {i}: student_hidden, weight, bias and teacher must be on one "
@@ -81,9 +84,12 @@ class _LayerGrads:
         self.b = torch.empty_like(b) if need_b and b is not None else None
         self.t = torch.empty_like(t) if need_t else None
 
-    def add_chunk(self, rows: slice, x_c: Tensor, w: Tensor, d_s: Tensor) -> None:
+    def add_chunk(self, rows: slice, x_c: Tensor, valid_c: Tensor | None, w: Tensor,
+                  d_s: Tensor) -> None:
         """The chunk's share: its dX rows and -dS rows of dT, and dW and db summed in place
-        (outside autocast, BLAS with beta = 1: no temporary the size of W per chunk)."""
+        (outside autocast, BLAS with beta = 1: no temporary the size of W per chunk). dS is 0
+        on masked rows, but X may hold NaN there (fully masked attention rows): those rows
+        are selected out of dW's product, never multiplied by 0."""
         first = rows.start == 0
         device_type = d_s.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -91,8 +97,10 @@ class _LayerGrads:
         if self.x is not None:
             self.x[rows] = d_s_mm @ w
         if self.w is not None:
+            if valid_c is not None:
+                x_c = torch.where(valid_c[:, None], x_c, 0.0)
             if autocast:  # bf16/fp16 products, summed into the fp32 gradient
-                product = d_s_mm.t() @ x_c
+                product = d_s_mm.t() @ x_c.to(d_s_mm.dtype)
                 self.w.copy_(product) if first else self.w.add_(product)
             elif first:
                 torch.mm(d_s_mm.t(), x_c, out=self.w)
@@ -105,80 +113,74 @@ class _LayerGrads:
             self.t[rows] = -d_s
 
 
-class _ChunkOps:
-    """The elementwise part of a chunk through the backend's kernels: the chunk's E_d, and
-    dS for g = 1 from the layer's coefficients (``stats``: its ``(1, DIM_FIELDS, d)``)."""
-
-    def __init__(self, backend: str, stats: Tensor):
-        self.stats = stats
-        self.forward, self.backward = op_pair(backend)  # no forward op: plain torch ops
-
-    def __call__(self, s: Tensor, t: Tensor, valid: Tensor | None, acc: torch.dtype):
-        """``(E_d (d,) float64, dS (rows, d))`` of one chunk (dS 0 on masked rows)."""
-        if self.forward is None:
-            diff = masked_difference(s, t, valid, acc)
-            coef_s = self.stats[0, layout.D_COEF_S].to(acc)
-            return diff.square().sum(dim=0).double(), diff * coef_s
-        if not s.dtype == t.dtype == acc:  # the kernels read one dtype: the accumulation's
-            s, t = s.to(acc), t.to(acc)
-        squared_error = self.forward([s], [t], [valid], 0.0, 0.0)[1][0, layout.D_SQUARED_ERROR]
-        d_s = self.backward(self.stats.new_ones(1), [s], [t], [valid], self.stats, False)[0][0]
-        return squared_error, d_s
+def _chunk(backend: Backend, stats: Tensor, s: Tensor, t: Tensor, valid: Tensor | None,
+           power: float):
+    """``(E_d (d,) float64, dS for g = 1 (rows, d))`` of one chunk through the backend's own
+    passes (``stats``: the layer's ``(1, DIM_FIELDS, d)`` teacher statistics)."""
+    chunk = LayerBatch([s], [t], [valid])
+    squared_error = backend.forward(chunk, 0.0, 0.0)[1][0, layout.D_SQUARED_ERROR]
+    d_s = backend.backward(stats.new_ones(1), chunk, stats, False, power)[0][0]
+    return squared_error, d_s
 
 
 def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, needs,
-           acc: torch.dtype, backend: str):
+           acc: torch.dtype, backend: Backend):
     """One layer's loss (0-dim, ``acc``) and its gradients for g = 1 (None when not needed).
 
     x ``(n, d_s)``, t ``(n, d_t)`` rows; valid ``(n,)`` bool or None; stats the layer's
     ``(DIM_FIELDS, max d)`` teacher statistics.
     """
     n, d = t.shape
-    chunk_ops = _ChunkOps(backend, stats[None, :, :d].contiguous())
+    layer_stats = stats[None, :, :d].contiguous()
     grads = _LayerGrads(x, w, b, t, needs) if any(needs) else None
     squared_error = torch.zeros(d, dtype=torch.float64, device=t.device)
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
-        x_c = x[rows]
-        chunk_squared_error, d_s = chunk_ops(F.linear(x_c, w, b), t[rows],
-                                      None if valid is None else valid[rows], acc)
+        x_c, valid_c = x[rows], None if valid is None else valid[rows]
+        s_c = F.linear(x_c, w, b)
+        if not s_c.dtype == t.dtype == acc:  # one accumulation dtype for both sides
+            s_c, t_c = s_c.to(acc), t[rows].to(acc)
+        else:
+            t_c = t[rows]
+        chunk_squared_error, d_s = _chunk(backend, layer_stats, s_c, t_c, valid_c, power)
         squared_error += chunk_squared_error
         if grads is not None:
-            grads.add_chunk(rows, x_c, w, d_s)
-    weight = stats[layout.D_WEIGHT, :d]
-    n_valid = stats[layout.D_COUNT, 0]
-    weighted = (weight * squared_error).sum()
-    loss = (weighted / (n_valid * d)).to(acc)
+            grads.add_chunk(rows, x_c, valid_c, w, d_s)
+    # The layer's moments with its squared errors, finalized once more: the loss, and the dT
+    # coefficient that needs every E_d.
+    moments = dim_stats_to_moments(layer_stats)
+    moments[0, layout.M_SQUARED_ERROR] = squared_error
+    losses, final = finalize(moments, [d], power, eps)
     if grads is not None and grads.t is not None:
-        _add_teacher_term(grads.t, t, valid, stats, squared_error, power, eps, chunk_rows)
-    return loss, grads
+        _add_teacher_term(grads.t, t, valid, final[0], chunk_rows)
+    return losses[0].to(acc), grads
 
 
-def _add_teacher_term(d_t, t, valid, stats, squared_error, power, eps, chunk_rows):
-    """dT += coef_t (T - mu) on valid rows, coef_t = G_d / ((n' - 1) sigma_d) (0 where
-    sigma_d = 0: docs/design.md, "Degenerate dims")."""
-    n, d = t.shape
-    coef_t = teacher_coefficient(stats[layout.D_WEIGHT, :d], squared_error,
-                                 stats[layout.D_SIGMA, :d], stats[layout.D_COUNT, 0], power,
-                                 eps).to(d_t.dtype)
-    pivot = stats[layout.D_PIVOT, :d].to(d_t.dtype)
-    mean = stats[layout.D_PIVOT_OFFSET, :d].to(d_t.dtype)
+def _add_teacher_term(d_t, t, valid, stats, chunk_rows):
+    """dT += coef_t (T - mu) on valid rows (coef_t: 0 where sigma_d = 0)."""
+    n, _ = t.shape
+    coef_t = stats[layout.D_COEF_T].to(d_t.dtype)
+    pivot = stats[layout.D_PIVOT].to(d_t.dtype)
+    offset = stats[layout.D_PIVOT_OFFSET].to(d_t.dtype)
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
-        term = coef_t * ((t[rows].to(d_t.dtype) - pivot) - mean)
+        term = coef_t * ((t[rows].to(d_t.dtype) - pivot) - offset)
         if valid is not None:
             term = torch.where(valid[rows, None], term, 0.0)
         d_t[rows] += term
 
 
 class _ProjectedLayerLosses(torch.autograd.Function):
-    """apply(config, L, *xs, *ws, *bs, *ts) -> (L,) losses; config = (masks, stats, power,
-    eps, chunk_rows, acc, want_grads). Gradients are computed in the forward for g = 1 (when
-    the call records a graph) and scaled by the incoming grads in the backward."""
+    """apply(config, L, *xs, *ws, *bs, *ts) -> (L,) losses; config = (backend, masks, stats,
+    power, eps, chunk_rows, acc, want_grads). Gradients are computed in the forward for g = 1
+    (when the call records a graph) and scaled by the incoming grads in the backward. A
+    backward that builds a graph, or a second backward of a retained graph, recomputes them
+    with the backend's differentiable formula on the projected states (the package's one
+    double-backward rule)."""
 
     @staticmethod
     def forward(ctx, config, num_layers, *tensors):
-        masks, stats, power, eps, chunk_rows, acc, want_grads, backend = config
+        backend, masks, stats, power, eps, chunk_rows, acc, want_grads = config
         xs, ws, bs, ts = (list(tensors[i * num_layers:(i + 1) * num_layers]) for i in range(4))
         needs = [want_grads and need for need in ctx.needs_input_grad[2:]]
         losses, ctx.grads = [], []
@@ -189,34 +191,57 @@ class _ProjectedLayerLosses(torch.autograd.Function):
                                  backend)
             losses.append(loss)
             ctx.grads.append(grads)
-        ctx.shapes = [(x.shape, t.shape) for x, t in zip(xs, ts)]
+        ctx.backend, ctx.masks, ctx.power, ctx.eps = backend, masks, power, eps
+        ctx.num_layers, ctx.bias_layers = num_layers, [i for i, b in enumerate(bs)
+                                                       if b is not None]
+        ctx.save_for_backward(*xs, *ws, *(bs[i] for i in ctx.bias_layers), *ts)
         return torch.stack(losses)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        if torch.is_grad_enabled():
-            raise RuntimeError("eofd_projected_loss: double backward (create_graph=True) is not "
-                               "supported; project first and call eofd_loss for that")
-        if ctx.grads is None:
-            raise RuntimeError("eofd_projected_loss: backward through the same graph twice is "
-                               "not supported (its gradients were handed out already)")
+        num_layers = ctx.num_layers
+        saved = ctx.saved_tensors  # first: X, W, b or T changed in place is an error
+        xs, ws = list(saved[:num_layers]), list(saved[num_layers:2 * num_layers])
+        bs: list[Tensor | None] = [None] * num_layers
+        for i, b in zip(ctx.bias_layers, saved[2 * num_layers:-num_layers]):
+            bs[i] = b
+        ts = list(saved[-num_layers:])
+        stored, ctx.grads = ctx.grads, None
+        if torch.is_grad_enabled() or stored is None:
+            return (None, None, *_recomputed_grads(ctx, xs, ws, bs, ts, grad_losses))
         columns = [[], [], [], []]
-        for i, (grads, (x_shape, t_shape)) in enumerate(zip(ctx.grads, ctx.shapes)):
+        for i, grads in enumerate(stored):
             g = grad_losses[i]
-            for k, (grad, shape) in enumerate(((grads.x, x_shape), (grads.w, None),
-                                               (grads.b, None), (grads.t, t_shape))
+            for k, (grad, shape) in enumerate(((grads.x, xs[i].shape), (grads.w, None),
+                                               (grads.b, None), (grads.t, ts[i].shape))
                                               if grads is not None else [(None, None)] * 4):
                 if grad is not None:
-                    # Eager CPU: reading g costs nothing, and g = 1 (a loss backwarded as
-                    # is) saves a pass over dX and dW; a GPU, or a traced graph, scales
-                    # without asking (no sync, no data-dependent branch).
-                    if (g.device.type != "cpu" or torch.compiler.is_compiling()
-                            or g.item() != 1.0):
-                        grad.mul_(g.to(grad.dtype))
+                    grad.mul_(g.to(grad.dtype))  # no host read of g: no sync, no branch
                     grad = grad.view(shape) if shape is not None else grad
                 columns[k].append(grad)
-        ctx.grads = None
         return (None, None, *columns[0], *columns[1], *columns[2], *columns[3])
+
+
+def _recomputed_grads(ctx, xs, ws, bs, ts, grad_losses) -> list[Tensor | None]:
+    """The gradients of every input by autograd through the projection and the backend's
+    differentiable formula; a graph of their own when the backward builds one."""
+    num_layers = ctx.num_layers
+    needs = ctx.needs_input_grad[2:]
+    inputs = xs + ws + bs + ts
+    with torch.enable_grad():
+        leaves = [x if x is None or not need else
+                  (x if torch.is_grad_enabled() and x.requires_grad else
+                   x.detach().requires_grad_())
+                  for x, need in zip(inputs, needs)]
+        xs_, ws_, bs_, ts_ = (leaves[i * num_layers:(i + 1) * num_layers] for i in range(4))
+        students = [F.linear(x, w, b) for x, w, b in zip(xs_, ws_, bs_)]
+        batch = LayerBatch(students, ts_, ctx.masks)
+        losses = ctx.backend.differentiable_losses(batch, ctx.power, ctx.eps)
+        wanted = [x for x, need in zip(leaves, needs) if need and x is not None]
+        grads = iter(torch.autograd.grad(losses, wanted, grad_losses.to(losses.dtype),
+                                         create_graph=torch.is_grad_enabled(),
+                                         allow_unused=True))
+    return [next(grads) if need and x is not None else None for x, need in zip(leaves, needs)]
 
 
 def eofd_projected_loss(student_hidden, weight, bias, teacher, *, power: float = 0.5,
@@ -231,7 +256,7 @@ def eofd_projected_loss(student_hidden, weight, bias, teacher, *, power: float =
         teacher: ``T`` ``(..., d_t)`` per layer, the leading shape of ``X``.
         power, mask, layer_weights, reduction, eps: as in :func:`eofd_kernels.eofd_loss`.
         backend: which backend computes the teacher's statistics.
-        chunk_rows: token rows projected at a time (default: about 2M elements of S).
+        chunk_rows: token rows projected at a time (default: about 4M elements of S).
 
     Returns:
         The same loss as projecting each layer and calling ``eofd_loss`` (float32, float64
@@ -250,10 +275,11 @@ def eofd_projected_loss(student_hidden, weight, bias, teacher, *, power: float =
         chunk_rows = max(1, CHUNK_ELEMENTS // max(t.shape[-1] for t in teachers.teachers))
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
-    backend = pick_backend(backend, teachers.teachers[0].device)
-    stats = teacher_dim_stats(teachers, power, eps, backend)
+    backend = get_backend(backend, teachers.teachers[0].device)
+    with torch.no_grad():
+        stats = backend.teacher_stats(teachers, power, eps)
     wide = any(x.dtype == torch.float64 for x in xs + teachers.teachers)
-    config = (teachers.masks, stats, power, eps, chunk_rows,
-              torch.float64 if wide else torch.float32, torch.is_grad_enabled(), backend)
+    config = (backend, teachers.masks, stats, power, eps, chunk_rows,
+              torch.float64 if wide else torch.float32, torch.is_grad_enabled())
     losses = _ProjectedLayerLosses.apply(config, num_layers, *xs, *ws, *bs, *teachers.teachers)
     return reduce_layers(losses, layer_weights, reduction)

@@ -174,7 +174,7 @@ def test_accumulation_with_whole_batch_weights_equals_the_unsplit_step():
 def _mismatch_worker(rank, world):
     d = 8 if rank == 0 else 9
     s, t = torch.randn(2, 3, d), torch.randn(2, 3, d)
-    with pytest.raises(ValueError, match="every rank must pass the same layers"):
+    with pytest.raises(ValueError, match="every rank must pass the same layer widths"):
         ek.eofd_loss(s, t, process_group=dist.group.WORLD)
 
 

@@ -96,15 +96,40 @@ def test_bf16_autocast_close_to_the_unfused_autocast_path():
         assert got.dtype == want.dtype and rel_err(got, want) <= 2 ** -7
 
 
-def test_no_grad_computes_no_gradients_and_double_backward_is_refused():
+def test_no_grad_computes_no_gradients():
     leaves, ts, mask = _layers("cpu")
     xs, ws, bs = leaves[:3], leaves[3:6], leaves[6:]
     with torch.no_grad():
         loss = ek.eofd_projected_loss(xs, ws, bs, ts, mask=mask)
     assert not loss.requires_grad
-    loss = ek.eofd_projected_loss(xs, ws, bs, ts, mask=mask)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, xs[:1], create_graph=True)
+
+
+@backend_device
+def test_double_backward_and_retained_graph_match_projecting_first(backend, device):
+    """The package's one double-backward rule: a backward that builds a graph (and a second
+    backward of a retained graph) recomputes through the projection with the differentiable
+    formula; a gradient penalty equals the unfused path's (fp64, 1e-10)."""
+    leaves, ts, mask = _layers(device, torch.float64)
+    xs, ws, bs = leaves[:3], leaves[3:6], leaves[6:]
+    inputs = leaves + ts
+
+    def penalty_grads(fused):
+        if fused:
+            loss = ek.eofd_projected_loss(xs, ws, bs, ts, mask=mask, backend=backend,
+                                          chunk_rows=5)
+        else:
+            students = [F.linear(x, w, b) for x, w, b in zip(xs, ws, bs)]
+            loss = ek.eofd_loss(students, ts, mask=mask, backend="torch")
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        return grads + torch.autograd.grad(penalty, inputs)
+
+    for got, want in zip(penalty_grads(True), penalty_grads(False), strict=True):
+        assert rel_err(got, want) <= 1e-10
+    loss = ek.eofd_projected_loss(xs, ws, bs, ts, mask=mask, backend=backend)
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    for a, b in zip(first, torch.autograd.grad(loss, inputs), strict=True):
+        assert rel_err(a, b) <= 1e-10
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -32,7 +32,8 @@ def _op_args(device, dtype=torch.float32, teacher_grad=True):
 def test_opcheck_triton_forward():
     from eofd_kernels.backends.triton_backend import triton_forward
 
-    students, teachers, masks = _op_args("cpu")
+    students, teachers, masks = _op_args("cpu", teacher_grad=False)
+    students = [s.detach() for s in students]  # the ops are not differentiable themselves
     torch.library.opcheck(triton_forward, (students, teachers, masks, 0.5, 0.0))
 
 
@@ -57,7 +58,7 @@ OP_BACKEND_IDS = [i for bd, i in zip(BACKEND_DEVICES, BACKEND_IDS) if bd[0] in (
 
 def _registered_ops(backend):
     if backend == "ext":
-        from eofd_kernels.backends import ext_backend  # noqa: F401  (registers fake + autograd)
+        from eofd_kernels.backends import ext_backend  # noqa: F401  (registers the fake impls)
 
         return torch.ops.eofd_ext.forward, torch.ops.eofd_ext.backward
     from eofd_kernels.backends.triton_backend import triton_backward, triton_forward
@@ -108,9 +109,10 @@ def test_compile_fullgraph_matches_eager(backend, device):
 @needs_ext
 @pytest.mark.parametrize("need_teacher_grad", [True, False])
 def test_opcheck_ext_ops(need_teacher_grad):
-    import eofd_kernels.backends.ext_backend  # noqa: F401  (registers fake impls and autograd)
+    import eofd_kernels.backends.ext_backend  # noqa: F401  (registers the fake impls)
 
-    students, teachers, masks = _op_args("cpu")
+    students, teachers, masks = _op_args("cpu", teacher_grad=False)
+    students = [s.detach() for s in students]  # the ops are not differentiable themselves
     torch.library.opcheck(torch.ops.eofd_ext.forward.default,
                           (students, teachers, masks, 0.5, 0.0))
     _, dim_stats = torch.ops.eofd_ext.forward(students, teachers, masks, 0.5, 0.0)
@@ -185,28 +187,33 @@ def test_ext_forward_and_grad_schedule_keeps_the_bits(group_bytes, threads, dtyp
 def test_grad_ahead_hands_out_the_forwards_grads_when_forecast():
     """With a GradAhead, CPU training calls compute dS in the forward for the grads the last
     backward brought (1 at first) and hand it out when the same grads come; other grads, and
-    a second backward through a retained graph, recompute it. Every path gives the registered
+    a second backward through a retained graph, recompute it. Every path gives the plain
     backward's bits, and the forecast lives in the GradAhead alone."""
-    from eofd_kernels.backends.grad_ahead import GradAhead, layer_losses_with_grad_ahead
+    from eofd_kernels.backends.ext_backend import ExtBackend
+    from eofd_kernels.inputs import LayerBatch
+    from eofd_kernels.layer_losses import GradAhead, layer_losses
 
-    ops = torch.ops.eofd_ext
-    students, teachers, masks = _op_args("cpu", teacher_grad=False)
     calls = []
 
-    def forward_and_grad_op(*args):
-        calls.append(args[-1].tolist())
-        return ops.forward_and_grad(*args, 1 << 20)
+    class Recording(ExtBackend):
+        def forward_and_grad(self, batch, power, eps, grads):
+            calls.append(grads.tolist())
+            return super().forward_and_grad(batch, power, eps, grads)
 
-    def backward_op(*args):
-        calls.append("backward")
-        return ops.backward(*args)
+        def backward(self, *args):
+            calls.append("backward")
+            return super().backward(*args)
+
+    backend = Recording()
+    students, teachers, masks = _op_args("cpu", teacher_grad=False)
+    batch = LayerBatch(students, teachers, masks)
 
     def grads(grad_ahead, grad, retained=None):
-        losses = retained if retained is not None else layer_losses_with_grad_ahead(
-            forward_and_grad_op, backward_op, grad_ahead, students, teachers, masks, 0.5, 0.0)
+        losses = retained if retained is not None else layer_losses(
+            batch, backend, 0.5, 0.0, grad_ahead=grad_ahead)
         got = torch.autograd.grad(losses, students, grad, retain_graph=retained is None)
-        want = torch.autograd.grad(ops.forward(students, teachers, masks, 0.5, 0.0)[0], students,
-                                   grad)
+        plain = ek.eofd_loss(students, teachers, mask=masks, reduction="none", backend="ext")
+        want = torch.autograd.grad(plain, students, grad)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
         return losses
@@ -214,7 +221,7 @@ def test_grad_ahead_hands_out_the_forwards_grads_when_forecast():
     ahead, other = GradAhead(), GradAhead()
     ones, weighted = torch.ones(3), torch.tensor([1.5, -2.0, 0.3])
     grads(ahead, ones)
-    assert calls == [[1.0, 1.0, 1.0]]  # expected and taken: no backward op
+    assert calls == [[1.0, 1.0, 1.0]]  # expected and taken: no backward
     grads(ahead, weighted)
     assert calls[1:] == [[1.0, 1.0, 1.0], "backward"]  # a miss: recomputed, now expected
     retained = grads(ahead, weighted)
@@ -229,13 +236,17 @@ def test_grad_ahead_hands_out_the_forwards_grads_when_forecast():
 def test_only_the_module_takes_ds_from_the_forward(monkeypatch):
     """EOFDLoss's eager CPU training calls with a frozen teacher compute dS in the forward;
     the functional eofd_loss (stateless), a teacher that needs a gradient, or no grad mode
-    run the plain forward op."""
-    from eofd_kernels.backends import ext_backend
+    run the plain forward."""
+    from eofd_kernels.backends.ext_backend import ExtBackend
 
     calls = []
-    forward_and_grad = ext_backend._forward_and_grad
-    monkeypatch.setattr(ext_backend, "_forward_and_grad",
-                        lambda *args: calls.append(len(args[0])) or forward_and_grad(*args))
+    forward_and_grad = ExtBackend.forward_and_grad
+
+    def counted(self, batch, *args):
+        calls.append(batch.num_layers)
+        return forward_and_grad(self, batch, *args)
+
+    monkeypatch.setattr(ExtBackend, "forward_and_grad", counted)
     g = torch.Generator().manual_seed(3)
     students = [torch.randn(2, 40, 24, generator=g, requires_grad=True) for _ in range(3)]
     teachers = [torch.randn(2, 40, 24, generator=g) for _ in range(3)]

@@ -1,5 +1,5 @@
-"""``backend="ext"``: the compiled extension's ops (schemas in csrc/eofd_ops.cpp), made
-traceable (fake impls) and differentiable (autograd) here."""
+"""``backend="ext"``: the compiled extension's ops (schemas in csrc/eofd_ops.cpp), with their
+fake impls registered here so ``torch.compile`` traces them."""
 
 from __future__ import annotations
 
@@ -7,20 +7,12 @@ import functools
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from ..inputs import LayerBatch
+from .base import Backend, promote_layers
 from .ext_loader import load_error
-from .grad_ahead import GradAhead, layer_losses_with_grad_ahead
-from .op_autograd import (
-    fake_backward,
-    fake_forward,
-    fake_forward_and_grad,
-    promote_layers,
-    register_eofd_autograd,
-)
+from .op_fakes import fake_backward, fake_forward, fake_forward_and_grad
 
-__all__ = ["layer_losses_ext"]
+__all__ = ["ExtBackend"]
 
 if load_error() is not None:
     raise ImportError(load_error())
@@ -28,7 +20,6 @@ if load_error() is not None:
 torch.library.register_fake("eofd_ext::forward")(fake_forward)
 torch.library.register_fake("eofd_ext::forward_and_grad")(fake_forward_and_grad)
 torch.library.register_fake("eofd_ext::backward")(fake_backward)
-register_eofd_autograd("eofd_ext::forward", torch.ops.eofd_ext.backward)
 
 
 @functools.cache
@@ -45,29 +36,37 @@ def grad_group_bytes() -> int:
     return max(1, l3_bytes // 4)
 
 
-def _forward_and_grad(students, teachers, masks, power, eps, grads):
-    return torch.ops.eofd_ext.forward_and_grad(students, teachers, masks, power, eps, grads,
-                                               grad_group_bytes())
-
-
-def _takes_grad_ahead(students: list[Tensor], teachers: list[Tensor]) -> bool:
-    """An eager CPU training call with a frozen teacher: the forward can write dS."""
-    return (students[0].device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and any(s.requires_grad for s in students)
-            and not any(t.requires_grad for t in teachers)
-            and not any(torch._subclasses.fake_tensor.is_fake(s) for s in students))
-
-
-def layer_losses_ext(batch: LayerBatch, power: float, eps: float,
-                     grad_ahead: GradAhead | None = None) -> Tensor:
-    """Per-layer losses ``(L,)`` from the compiled kernels (S and T in one common dtype).
-
-    With a ``grad_ahead`` forecast, eager CPU training calls write dS in the forward."""
+def _sides(batch):
+    """Students and teachers in one common dtype: the C++ kernels read one element type."""
     layers = promote_layers(batch.students + batch.teachers)
-    students, teachers = layers[:batch.num_layers], layers[batch.num_layers:]
-    if grad_ahead is not None and _takes_grad_ahead(students, teachers):
-        return layer_losses_with_grad_ahead(_forward_and_grad, torch.ops.eofd_ext.backward,
-                                            grad_ahead, students, teachers, batch.masks,
-                                            power, eps)
-    return torch.ops.eofd_ext.forward(students, teachers, batch.masks, power, eps)[0]
+    return layers[:batch.num_layers], layers[batch.num_layers:]
+
+
+class ExtBackend(Backend):
+    name = "ext"
+
+    def forward(self, batch, power, eps):
+        students, teachers = _sides(batch)
+        return torch.ops.eofd_ext.forward(students, teachers, batch.masks, power, eps)
+
+    def backward(self, grad_losses, batch, dim_stats, need_teacher_grad, power):
+        students, teachers = _sides(batch)
+        d_students, d_teachers = torch.ops.eofd_ext.backward(
+            grad_losses, students, teachers, batch.masks, dim_stats, need_teacher_grad)
+        # Back to each side's own dtype where the kernels read a promoted copy.
+        return ([d.to(s.dtype) for d, s in zip(d_students, batch.students)],
+                [d.to(t.dtype) for d, t in zip(d_teachers, batch.teachers)])
+
+    def offers_forward_and_grad(self, batch):
+        """An eager CPU training call with a frozen teacher: the forward can write dS while
+        a group of layers is still in the cache (docs/design.md, "The CPU training step")."""
+        students, teachers = batch.students, batch.teachers
+        return (students[0].device.type == "cpu" and not torch.compiler.is_compiling()
+                and not any(t.requires_grad for t in teachers)
+                and not any(torch._subclasses.fake_tensor.is_fake(s) for s in students))
+
+    def forward_and_grad(self, batch, power, eps, grads):
+        students, teachers = _sides(batch)
+        losses, dim_stats, d_students = torch.ops.eofd_ext.forward_and_grad(
+            students, teachers, batch.masks, power, eps, grads, grad_group_bytes())
+        return losses, dim_stats, [d.to(s.dtype) for d, s in zip(d_students, batch.students)]

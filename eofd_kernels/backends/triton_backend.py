@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..inputs import LayerBatch
 from . import triton_kernels as kernels
-from .op_autograd import fake_backward, fake_forward, promote_layers, register_eofd_autograd
+from .base import Backend, promote_layers
+from .op_fakes import fake_backward, fake_forward
 
-__all__ = ["layer_losses_triton", "triton_backward", "triton_forward"]
+__all__ = ["TritonBackend", "triton_backward", "triton_forward"]
 
 
 @torch.library.custom_op("eofd_kernels::triton_forward", mutates_args=())
@@ -38,11 +38,21 @@ def triton_backward(
 
 triton_forward.register_fake(fake_forward)
 triton_backward.register_fake(fake_backward)
-register_eofd_autograd(triton_forward, triton_backward)
 
 
-def layer_losses_triton(batch: LayerBatch, power: float, eps: float, grad_ahead=None) -> Tensor:
-    """Per-layer losses ``(L,)`` from the fused kernels (``grad_ahead`` is not used: a GPU
-    keeps the separate backward)."""
-    return triton_forward(promote_layers(batch.students), promote_layers(batch.teachers),
-                          batch.masks, power, eps)[0]
+class TritonBackend(Backend):
+    """Each side in its own dtype (the kernels read the student's and the teacher's element
+    types separately); the layers of one side in one common dtype."""
+
+    name = "triton"
+
+    def forward(self, batch, power, eps):
+        return triton_forward(promote_layers(batch.students), promote_layers(batch.teachers),
+                              batch.masks, power, eps)
+
+    def backward(self, grad_losses, batch, dim_stats, need_teacher_grad, power):
+        students, teachers = promote_layers(batch.students), promote_layers(batch.teachers)
+        d_students, d_teachers = triton_backward(grad_losses, students, teachers, batch.masks,
+                                                 dim_stats, need_teacher_grad)
+        return ([d.to(s.dtype) for d, s in zip(d_students, batch.students)],
+                [d.to(t.dtype) for d, t in zip(d_teachers, batch.teachers)])
