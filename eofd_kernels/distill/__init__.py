@@ -1,15 +1,18 @@
 """Distillation helpers around the EOFD loss for Hugging Face models.
 
     from eofd_kernels.distill import DistillationLoss, HiddenProjection, uniform_layer_map
+    from eofd_kernels.distill import TeacherCache, record_teacher   # the teacher run once
 """
 
 from .layer_map import LayerMap, explicit_layer_map, last_k_layer_map, uniform_layer_map
-from .objective import DistillationLoss, DistillationOutput, soft_cross_entropy
+from .objective import DistillationLoss, DistillationOutput, TopKLogits, soft_cross_entropy
 from .projection import HiddenProjection, attach_projection
+from .teacher_cache import CachedTeacherOutput, CacheError, TeacherCache, record_teacher
 
-__all__ = ["DistillationLoss", "DistillationOutput", "EOFDTrainer", "HiddenProjection",
-           "LayerMap", "attach_projection", "explicit_layer_map", "last_k_layer_map",
-           "load_student", "soft_cross_entropy", "uniform_layer_map"]
+__all__ = ["CacheError", "CachedTeacherOutput", "DistillationLoss", "DistillationOutput",
+           "EOFDTrainer", "HiddenProjection", "LayerMap", "TeacherCache", "TopKLogits",
+           "attach_projection", "explicit_layer_map", "last_k_layer_map", "load_student",
+           "record_teacher", "soft_cross_entropy", "uniform_layer_map"]
 
 
 def __getattr__(name: str):

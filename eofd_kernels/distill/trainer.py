@@ -1,7 +1,10 @@
 """``EOFDTrainer``: a Hugging Face ``Trainer`` that distils a teacher into the student it
 trains, with ``L = L_pred + lambda * sum_l EOFD_l`` (:class:`DistillationLoss`).
 
-* The teacher is frozen, in eval mode, on the student's device and in its dtype.
+* The teacher is frozen, in eval mode, on the student's device and in its dtype; or there is
+  none (``teacher=None``) and the batches carry its recorded outputs: ``train_dataset`` a
+  :class:`~eofd_kernels.distill.teacher_cache.TeacherCache` (its ``collate`` is the default
+  collator there).
 * The projections live on the student (``attach_projection``): the Trainer's optimizer trains
   them and ``save_model`` writes them with it; :func:`load_student` reads both back.
 * Under ``torchrun`` (DDP; gloo on CPU) the objective's EOFD weights are the whole global
@@ -10,7 +13,10 @@ trains, with ``L = L_pred + lambda * sum_l EOFD_l`` (:class:`DistillationLoss`).
   over the steps since the last log.
 
 Gradient accumulation and bf16 autocast work as the Trainer does them; the EOFD weights are
-then the micro-batch's (pass ``weights=`` to the loss for the whole optimizer batch's).
+then the micro-batch's (pass ``weights=`` to the loss for the whole optimizer batch's). The
+loss is a mean over each micro-batch, so the Trainer always divides it by the accumulation
+steps (also when a batch has ``labels``, which would otherwise make it expect a loss summed
+over tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from transformers import Trainer
 
 from .objective import DistillationLoss
 from .projection import HiddenProjection, attach_projection
+from .teacher_cache import TeacherCache
 
 __all__ = ["EOFDTrainer", "load_student"]
 
@@ -29,11 +36,14 @@ __all__ = ["EOFDTrainer", "load_student"]
 class EOFDTrainer(Trainer):
     """``Trainer(model=student, args=..., train_dataset=..., data_collator=...)`` plus
     ``teacher`` and ``objective``; batches are the models' keyword inputs (``input_ids``,
-    ``attention_mask``, and for T5 ``decoder_*``); a ``labels`` entry is ignored. Under DDP
-    every student parameter must take part in the loss (the projections run after the
-    student's forward, so DDP cannot search for unused ones): drop an unused pooler."""
+    ``attention_mask``, and for T5 ``decoder_*``); a ``labels`` entry is ignored. With
+    ``teacher=None`` each batch brings the teacher's output as ``batch["teacher"]`` (a
+    :class:`TeacherCache` as ``train_dataset`` does; the cache is checked against the
+    objective first). Under DDP every student parameter must take part in the loss (the
+    projections run after the student's forward, so DDP cannot search for unused ones): drop
+    an unused pooler."""
 
-    def __init__(self, *args, teacher: torch.nn.Module, objective: DistillationLoss,
+    def __init__(self, *args, teacher: torch.nn.Module | None, objective: DistillationLoss,
                  **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
@@ -41,10 +51,24 @@ class EOFDTrainer(Trainer):
             # parameters would mark them ready before their gradients come. So every student
             # parameter must take part in the loss (drop a pooler the loss does not use).
             training_args.ddp_find_unused_parameters = False
+        cache = kwargs.get("train_dataset")
+        if teacher is None and isinstance(cache, TeacherCache):
+            cache.check(objective)
+            if kwargs.get("data_collator") is None:
+                kwargs["data_collator"] = cache.collate
+            if training_args is not None:
+                # The Trainer would drop "teacher": not an argument of the student's forward.
+                training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
-        student_dtype = next(self.model.parameters()).dtype
-        self.teacher = teacher.to(device=self.args.device, dtype=student_dtype).eval()
-        self.teacher.requires_grad_(False)
+        # compute_loss returns a per-micro-batch mean: never a loss already summed over the
+        # accumulated batch's tokens, which the Trainer assumes for models taking **kwargs
+        # when batches hold labels (it would then skip dividing by the accumulation steps).
+        self.model_accepts_loss_kwargs = False
+        self.teacher = None
+        if teacher is not None:
+            student_dtype = next(self.model.parameters()).dtype
+            self.teacher = teacher.to(device=self.args.device, dtype=student_dtype).eval()
+            self.teacher.requires_grad_(False)
         self.objective = objective
         if self.args.world_size > 1:
             import torch.distributed as dist
@@ -55,9 +79,16 @@ class EOFDTrainer(Trainer):
         self._layer_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_out = self.teacher(**inputs, output_hidden_states=True)
+        recorded = inputs.get("teacher")
+        inputs = {k: v for k, v in inputs.items() if k not in ("labels", "teacher")}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, output_hidden_states=True)
+        elif recorded is None:
+            raise ValueError("teacher: None, and the batch has no 'teacher' entry (train from "
+                             "a TeacherCache, or pass the teacher model)")
+        else:
+            teacher_out = recorded.to(self.args.device)
         student_out = model(**inputs, output_hidden_states=True)
         out = self.objective(student_out, teacher_out, inputs.get("attention_mask"),
                              inputs.get("decoder_attention_mask"))
