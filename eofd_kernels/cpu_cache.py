@@ -35,8 +35,8 @@ def cpu_cache_info() -> dict[str, int]:
 def set_cpu_cache_limit(nbytes: int) -> None:
     """Keep at most ``nbytes`` cached (0: no caching). Buffers above a lowered limit are freed
     as they come back; call :func:`empty_cpu_cache` to free the cache at once."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes: expected an int >= 0, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2 ** 63:
+        raise ValueError(f"nbytes: expected an int in [0, 2**63), got {nbytes!r}")
     ops = _ops()
     if ops is not None:
         ops.set_cpu_cache_limit(nbytes)

@@ -181,20 +181,21 @@ def prepare_layers(student, teacher, mask=None,
 
 
 def check_power_eps(power, eps) -> tuple[float, float]:
-    """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0. Under
-    ``torch.compile(dynamic=True)`` they may be symbolic: traced as they are, unchecked
-    (checking would specialise the graph on their values)."""
-    symbolic = (torch.SymFloat, torch.SymInt)
+    """Return ``(power, eps)`` as Python floats; both must be finite, eps >= 0. While
+    ``torch.compile`` traces, only their types are checked: with ``dynamic=True`` they are
+    symbolic, and checking their values would specialise the graph on them (``EOFDLoss``
+    checks them at construction, an eager call on every call)."""
     for name, value in (("power", power), ("eps", eps)):
-        if isinstance(value, symbolic):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
             raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return power, eps
+    for name, value in (("power", power), ("eps", eps)):
         if not math.isfinite(value):
             raise ValueError(f"{name}: must be finite, got {value}")
-    if not isinstance(eps, symbolic) and eps < 0:
+    if eps < 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
-    return tuple(x if isinstance(x, symbolic) else float(x) for x in (power, eps))
+    return float(power), float(eps)
 
 
 def _layer_weight_items(layer_weights, num_layers: int) -> list:

@@ -171,15 +171,89 @@ def test_accumulation_with_whole_batch_weights_equals_the_unsplit_step():
             assert rel_err(got, want) <= 1e-6, backend
 
 
-def _mismatch_worker(rank, world):
-    d = 8 if rank == 0 else 9
-    s, t = torch.randn(2, 3, d), torch.randn(2, 3, d)
-    with pytest.raises(ValueError, match="every rank must pass the same layer widths"):
-        ek.eofd_loss(s, t, process_group=dist.group.WORLD)
+# What the ranks must agree on, or what one rank alone gets wrong: (name, the kwargs of rank 1
+# (rank 0 passes the defaults), the error every rank must raise).
+DISAGREEMENTS = [
+    ("widths", dict(d=9), "every rank must pass the same layer widths"),
+    ("power", dict(power=1.0), "every rank must pass the same power"),
+    ("eps", dict(eps=0.5), "every rank must pass the same eps"),
+    ("layer count", dict(layers=2), "every rank must pass the same layer widths"),
+    ("dtype", dict(dtype=torch.float64), "every rank must pass the same student dtypes"),
+    ("weights given", dict(weights=True), "every rank must pass the same weights given"),
+    ("bad mask value", dict(bad_mask=True), r"mask\[0\]: a torch.float32 mask must hold only"),
+    ("wrong weights shape", dict(bad_weights=True), r"weights\[0\]: expected shape"),
+]
 
 
-def test_ranks_with_different_layers_get_an_error_not_a_hang():
-    _run(2, _mismatch_worker)
+def _call(rank, power=0.5, eps=0.0, d=8, layers=1, dtype=torch.float32, weights=False,
+          bad_mask=False, bad_weights=False, backend="auto"):
+    s, t = torch.randn(2, 3, d, dtype=dtype), torch.randn(2, 3, d, dtype=dtype)
+    mask = torch.tensor([[1, 1, 0], [1, 0.5 if bad_mask else 1, 1]])
+    given = None
+    if weights or bad_weights:
+        given = [torch.ones(d + 1 if bad_weights else d)] * layers
+    return ek.eofd_loss([s] * layers, [t] * layers, mask=mask, power=power, eps=eps,
+                        weights=given, backend=backend, process_group=dist.group.WORLD)
+
+
+def _disagreement_worker(rank, world):
+    for name, kwargs, message in DISAGREEMENTS:
+        with pytest.raises((ValueError, RuntimeError, TypeError), match=message):
+            _call(rank, **(kwargs if rank == 1 else {}))
+        # The group is still usable: the next call of every rank agrees and works.
+        assert torch.isfinite(_call(rank)), name
+
+
+def test_ranks_that_disagree_all_get_the_same_error_not_a_hang():
+    _run(2, _disagreement_worker)
+
+
+def _subgroup_worker(rank, world):
+    group = dist.new_group([0])
+    if rank == 1:
+        with pytest.raises(ValueError, match="is not a member of the group"):
+            ek.eofd_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), process_group=group)
+
+
+def test_rank_outside_the_group_gets_a_clear_error():
+    _run(2, _subgroup_worker)
+
+
+def _padding_shard_worker(rank, world):
+    """Rank 1 holds one token or only padding (NaN there too): the loss, the gradients and the
+    weights are those of rank 0's tokens alone, on every backend."""
+    students, teachers, mask = _batch()
+    for backend in BACKENDS:
+        for shard_kind in ("padding", "one token"):
+            s, t, m = (_shard(x, rank, world) for x in (students[0], teachers[0], mask))
+            if rank == 1:
+                s, t, m = s.clone(), t.clone(), m.clone()
+                if shard_kind == "padding":
+                    m[:] = False
+                    s[:], t[:] = torch.nan, torch.nan
+                else:
+                    s, t, m = s[:1, :1], t[:1, :1], m[:1, :1] | True
+            loss, grads = _loss_and_grads([s], [t], m, backend, True,
+                                          process_group=dist.group.WORLD)
+            weights = ek.teacher_weights(t, mask=m, backend=backend,
+                                         process_group=dist.group.WORLD)
+            s0, t0, m0 = (_shard(x, 0, world) for x in (students[0], teachers[0], mask))
+            if shard_kind == "one token":
+                keep = torch.zeros_like(mask)
+                keep[:2] = mask[:2]
+                keep[2, 0] = True  # rank 1's token, in the whole batch
+                whole, _ = _loss_and_grads([students[0][:3]], [teachers[0][:3]], keep[:3],
+                                           backend, True)
+            else:
+                whole, _ = _loss_and_grads([s0], [t0], m0, backend, True)
+            assert rel_err(loss, whole) <= 1e-6, (backend, shard_kind)
+            assert torch.isfinite(weights).all(), (backend, shard_kind)
+            if rank == 1 and shard_kind == "padding":
+                assert all((g == 0).all() for g in grads), backend
+
+
+def test_a_shard_of_padding_or_one_token_breaks_nothing():
+    _run(2, _padding_shard_worker)
 
 
 def test_bad_group_and_weights_name_the_argument():

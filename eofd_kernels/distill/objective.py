@@ -87,6 +87,19 @@ def _is_seq2seq(model_out) -> bool:
     return getattr(model_out, "encoder_hidden_states", None) is not None
 
 
+def _check_pairs(tag: str, pairs, s_states, t_states) -> None:
+    """Every pair names hidden states the models returned (a clear error, not an IndexError)."""
+    name = "decoder_layer_map" if tag == "dec" else "layer_map"
+    for s, t in pairs:
+        for side, index, states in (("student", s, s_states), ("teacher", t, t_states)):
+            if not -len(states) <= index < len(states):
+                raise ValueError(f"{name}: pair ({s}, {t}) asks for {side} hidden state "
+                                 f"{index}, but the {side} returned {len(states)}")
+            if states[index] is None:  # a teacher cache holds the layers it recorded
+                raise ValueError(f"{name}: pair ({s}, {t}) asks for {side} hidden state "
+                                 f"{index}, which the {side}'s output does not hold")
+
+
 class DistillationLoss(nn.Module):
     """EOFD on mapped hidden states (+ KD on logits) for Hugging Face model outputs.
 
@@ -169,6 +182,7 @@ class DistillationLoss(nn.Module):
             if s_states is None:
                 raise ValueError("student_out: no hidden states; call the model with "
                                  "output_hidden_states=True")
+            _check_pairs(tag, pairs, s_states, t_states)
             picked.append([s_states[s] for s, _ in pairs])
             projections.append(proj)
             teachers += [t_states[t] for _, t in pairs]
