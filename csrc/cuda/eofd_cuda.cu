@@ -2,10 +2,13 @@
 // "The passes").
 // Torch-free: only CUDA headers and ours, so plain nvcc compiles it anywhere.
 //
-// Stats and backward grids are (chunk of rows, block of dims, layer). A block is
-// kDimThreads x kRowGroups threads; a thread owns one 16-byte vector of dims and, per tile,
-// kRowsPerThread rows held in registers: exact two-pass stats around the tile's first valid
-// row, merged tile by tile (Chan), then the row groups merged in order through shared memory.
+// The stats and backward kernels run a persistent grid over work items (layer, block of dims,
+// chunk of rows; launch_params.h). A block is kDimThreads x kRowGroups threads; a thread owns
+// one 16-byte vector of dims and, per tile, kRowsPerThread rows held in registers as stored:
+// exact two-pass stats around the tile's first valid row, merged tile by tile (Chan), then the
+// row groups merged in order through shared memory. Memory-bound kernels stream at full
+// bandwidth only with enough bytes in flight (Little's law), so every tile's loads are issued
+// before any is consumed, on a fast path (aligned, whole vector) chosen once per thread.
 // Every reduction order depends on shapes only: results are bitwise deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,174 +21,309 @@ namespace {
 
 template <typename T>
 struct Traits;
+// bits: the element's storage, what a thread keeps in registers until the arithmetic (16-bit
+// data stays two to a register); acc: the accumulation type.
 template <>
 struct Traits<float> {
   using acc = float;
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
+  using bits = unsigned int;
+  __device__ static float to_acc(bits b) { return __uint_as_float(b); }
+  __device__ static bits from_acc(float x) { return __float_as_uint(x); }
 };
 template <>
 struct Traits<double> {
   using acc = double;
-  __device__ static double load(double x) { return x; }
-  __device__ static double store(double x) { return x; }
+  using bits = unsigned long long;
+  __device__ static double to_acc(bits b) { return __longlong_as_double(b); }
+  __device__ static bits from_acc(double x) { return __double_as_longlong(x); }
 };
 template <>
 struct Traits<__half> {
   using acc = float;
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float x) { return __float2half_rn(x); }
+  using bits = unsigned short;
+  __device__ static float to_acc(bits b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static bits from_acc(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 template <>
 struct Traits<__nv_bfloat16> {
   using acc = float;
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+  using bits = unsigned short;
+  __device__ static float to_acc(bits b) { return __uint_as_float(static_cast<unsigned>(b) << 16); }
+  __device__ static bits from_acc(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 };
 
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte access
 
 template <typename T>
-__device__ bool vec_aligned(const void* base, int64_t row_stride) {
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % kVec<T> == 0;
+using Bits = typename Traits<T>::bits;
+template <typename T>
+using Acc = typename Traits<T>::acc;
+constexpr int R = kRowsPerThread;
+
+// One thread's vector of one row, packed as stored (also on the element-wise path, whose
+// unpacked scalars would need twice the registers for 16-bit data).
+using RowBits = uint4;
+
+__device__ __forceinline__ unsigned& word(uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// One vector of a row, in acc; 16-byte load when aligned and fully inside the row.
+// Element k of a packed vector (k is a constant once the loops unroll).
 template <typename T>
-__device__ void load_vec(const T* row, int64_t col, int64_t d, bool aligned,
-                         typename Traits<T>::acc* out) {
-  constexpr int V = kVec<T>;
-  if (aligned && col + V <= d) {
-    alignas(16) T v[V];
-    *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(row + col));
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = Traits<T>::load(v[k]);
+__device__ __forceinline__ Bits<T> element(const uint4& v, int k) {
+  if constexpr (sizeof(Bits<T>) == 2) {
+    return static_cast<Bits<T>>(word(v, k / 2) >> (16 * (k % 2)));
+  } else if constexpr (sizeof(Bits<T>) == 4) {
+    return word(v, k);
   } else {
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = col + k < d ? Traits<T>::load(row[col + k]) : 0;
+    return static_cast<Bits<T>>(word(v, 2 * k + 1)) << 32 | word(v, 2 * k);
   }
 }
 
+// Sets element k of a packed vector that starts as zeros.
 template <typename T>
-__device__ void store_vec(T* row, int64_t col, int64_t d, bool aligned,
-                          const typename Traits<T>::acc* in) {
-  constexpr int V = kVec<T>;
-  alignas(16) T v[V];
+__device__ __forceinline__ void set_element(uint4& v, int k, Bits<T> b) {
+  if constexpr (sizeof(Bits<T>) == 2) {
+    word(v, k / 2) |= static_cast<unsigned>(b) << (16 * (k % 2));
+  } else if constexpr (sizeof(Bits<T>) == 4) {
+    word(v, k) = b;
+  } else {
+    word(v, 2 * k) = static_cast<unsigned>(b);
+    word(v, 2 * k + 1) = static_cast<unsigned>(b >> 32);
+  }
+}
+
+// 16 bytes at `ptr` if `pred`, else zeros: a predicated load. Written in PTX because the
+// compiler keeps `if (valid) load` as a branch per row for some element types, and then
+// reuses one set of registers for every row's data, so each row's loads wait on the previous
+// row's use: the tile's loads would no longer be in flight together.
+__device__ __forceinline__ uint4 load16_if(const void* ptr, bool pred) {
+  uint4 v;
+  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// One 16-byte store to global memory. Written in PTX because the output pointers come from
+// the params table: the compiler would emit generic stores and split the vector. Nothing in a
+// kernel reads what it stores, so no memory clobber is needed (volatile keeps it in place
+// among the stores).
+__device__ __forceinline__ void store16(void* ptr, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
+// A thread's vector of one row if the row counts (`valid`), else zeros. ALIGNED: one 16-byte
+// load (the host checked that every layer's vectors are aligned and inside their rows); else
+// element by element, 0 past d.
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ RowBits load_row(const Bits<T>* __restrict__ row, int64_t col,
+                                            int64_t d, bool valid) {
+  if (ALIGNED) return load16_if(row + col, valid);
+  RowBits v = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int k = 0; k < V; ++k) v[k] = Traits<T>::store(in[k]);
-  if (aligned && col + V <= d) {
-    *reinterpret_cast<uint4*>(row + col) = *reinterpret_cast<const uint4*>(v);
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (valid && col + k < d) set_element<T>(v, k, __ldg(row + col + k));
+  }
+  return v;
+}
+
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void store_row(Bits<T>* __restrict__ row, int64_t col, int64_t d,
+                                          const RowBits& v) {
+  if (ALIGNED) {
+    store16(row + col, v);
   } else {
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if (col + k < d) row[col + k] = v[k];
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (col + k < d) row[col + k] = element<T>(v, k);
     }
   }
 }
 
-__device__ __forceinline__ bool row_valid(const LayerParams& p, int64_t r) {
-  return r < p.n && (p.mask == nullptr || p.mask[r]);
+// Which of the kRowsPerThread rows from r0 count: inside the layer and (with a mask) valid.
+// The mask bytes of a tile are requested one tile ahead, beside the previous tile's data, so
+// no tile waits on a mask round trip before its own loads.
+template <bool HAS_MASK>
+__device__ __forceinline__ void row_flags(const LayerParams& p, int64_t r0, bool (&valid)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    valid[i] = r0 + i < p.n;
+    if (HAS_MASK && p.mask != nullptr && valid[i]) {
+      valid[i] = __ldg(reinterpret_cast<const unsigned char*>(p.mask) + r0 + i) != 0;
+    }
+  }
 }
 
+// A work item of the persistent grid (launch_params.h, LaunchShape). Item numbers fit in 32
+// bits (plan_device_launch checks it; a layer would need 2^44 elements to pass it), which
+// keeps 64-bit division and its registers out of the kernels.
+struct Item {
+  int layer;
+  int chunk;
+  int64_t row0;  // first row of its chunk
+  int64_t col0;  // first dim of its block
+};
 
-template <typename T, bool HAS_MASK>
-__global__ void __launch_bounds__(kDimThreads * kRowGroups)
-    stats_kernel(const LayerParams* layers, LaunchShape shape,
-                 typename Traits<T>::acc* partials) {
-  using acc = typename Traits<T>::acc;
+__device__ __forceinline__ Item item_at(const LaunchShape& shape, int w, int block_d) {
+  const int chunks = static_cast<int>(shape.num_chunks);
+  const int per_layer = static_cast<int>(shape.dim_blocks) * chunks;
+  const int in_layer = w % per_layer;
+  const int chunk = in_layer % chunks;
+  return Item{w / per_layer, chunk, chunk * shape.tiles_per_chunk * kTileRows,
+              int64_t(in_layer / chunks) * block_d};
+}
+
+__device__ __forceinline__ int num_items(const LaunchShape& shape) {
+  return static_cast<int>(shape.num_layers * shape.dim_blocks * shape.num_chunks);
+}
+
+// One thread's moments of its V dims over a chunk: one count (the mask is per row, so every
+// dim of a thread sees the same rows), per dim the pivoted mean pair and M2, and sum (S-T)^2.
+template <typename T>
+struct ThreadMoments {
+  Acc<T> count;
+  Acc<T> pivot[kVec<T>], offset[kVec<T>], m2[kVec<T>], squared_error[kVec<T>];
+};
+
+// Adds one tile (the thread's R rows, `valid` of them counting) to `mom`: exact two-pass
+// stats around the tile's first valid row, then Chan's merge.
+template <typename T>
+__device__ __forceinline__ void add_tile(const RowBits (&s)[R], const RowBits (&t)[R],
+                                         const bool (&valid)[R], ThreadMoments<T>& mom) {
+  using acc = Acc<T>;
+  using Tr = Traits<T>;
+  int n_valid = 0;
+#pragma unroll
+  for (int i = 0; i < R; ++i) n_valid += valid[i];
+  if (n_valid == 0) return;
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    // The first valid row's value, selected with constant indices: t[first][k] with a
+    // run-time `first` would put the tile in local memory.
+    acc pivot = 0;
+#pragma unroll
+    for (int i = R - 1; i >= 0; --i) pivot = valid[i] ? Tr::to_acc(element<T>(t[i], k)) : pivot;
+    acc sum = 0;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (!valid[i]) continue;
+      const acc e = Tr::to_acc(element<T>(s[i], k)) - Tr::to_acc(element<T>(t[i], k));
+      mom.squared_error[k] += e * e;
+      sum += Tr::to_acc(element<T>(t[i], k)) - pivot;
+    }
+    const acc mean = sum / acc(n_valid);
+    acc m2 = 0;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (!valid[i]) continue;
+      const acc dev = (Tr::to_acc(element<T>(t[i], k)) - pivot) - mean;
+      m2 += dev * dev;
+    }
+    Moments<acc> merged{mom.count, mom.pivot[k], mom.offset[k], mom.m2[k]};
+    chan_merge(merged, Moments<acc>{acc(n_valid), pivot, mean, m2});
+    mom.pivot[k] = merged.pivot;
+    mom.offset[k] = merged.offset;
+    mom.m2[k] = merged.m2;
+  }
+  mom.count += acc(n_valid);  // chan_merge's count for every k: 0 + n or count + n
+}
+
+// A thread's rows of one chunk: per tile, every valid row's S and T vectors are requested
+// before any is used (2 R independent 16-byte loads in flight when ALIGNED).
+template <typename T, bool HAS_MASK, bool ALIGNED>
+__device__ __forceinline__ void chunk_stats(const LayerParams& p, const LaunchShape& shape,
+                                            int64_t row0, int64_t col,
+                                            const Bits<T>* __restrict__ S,
+                                            const Bits<T>* __restrict__ Tt,
+                                            ThreadMoments<T>& mom) {
+  int64_t r0 = row0 + threadIdx.y * R;
+  bool valid[R];
+  row_flags<HAS_MASK>(p, r0, valid);
+  for (int64_t tile = 0; tile < shape.tiles_per_chunk && r0 < p.n; ++tile, r0 += kTileRows) {
+    RowBits s[R], t[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      s[i] = load_row<T, ALIGNED>(S + (r0 + i) * p.student_row, col, p.d, valid[i]);
+      t[i] = load_row<T, ALIGNED>(Tt + (r0 + i) * p.teacher_row, col, p.d, valid[i]);
+    }
+    bool now[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) now[i] = valid[i];
+    row_flags<HAS_MASK>(p, r0 + kTileRows, valid);
+    add_tile<T>(s, t, now, mom);
+  }
+}
+
+// ALIGNED instances hold a tile of packed vectors in at most 128 registers (2 CTAs per SM);
+// the element-wise ones, for unaligned or ragged layers, may take more (1 CTA per SM).
+template <typename T, bool HAS_MASK, bool ALIGNED>
+__global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
+    stats_kernel(const LayerParams* __restrict__ layers, LaunchShape shape,
+                 Acc<T>* __restrict__ partials) {
+  using acc = Acc<T>;
   constexpr int V = kVec<T>;
   constexpr int kBlockD = kDimThreads * V;
-  const LayerParams p = layers[blockIdx.z];
-  const int64_t chunk_rows = int64_t(kRowGroups) * kRowsPerThread * shape.tiles_per_chunk;
-  const int64_t row0 = blockIdx.x * chunk_rows;
-  const int64_t col = blockIdx.y * int64_t(kBlockD) + threadIdx.x * V;
-  const bool active = row0 < p.n && col < p.d;
+  __shared__ acc shared[kRowGroups][kMomentFields][kBlockD];
+  const int items = num_items(shape);
+  for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    const Item item = item_at(shape, w, kBlockD);
+    const LayerParams p = layers[item.layer];
+    if (item.row0 >= p.n || item.col0 >= p.d) continue;  // the whole CTA: no barrier skipped
+    const int64_t col = item.col0 + threadIdx.x * V;
+    const bool active = col < p.d;
+    ThreadMoments<T> mom;
+    mom.count = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      mom.pivot[k] = mom.offset[k] = mom.m2[k] = mom.squared_error[k] = 0;
+    }
+    const auto* S = static_cast<const Bits<T>*>(p.student);
+    const auto* Tt = static_cast<const Bits<T>*>(p.teacher);
+    if (active) chunk_stats<T, HAS_MASK, ALIGNED>(p, shape, item.row0, col, S, Tt, mom);
 
-  Moments<acc> mom[V];
-  acc squared_error[V];
+    // Row groups merge in order 0, 1, ..., kRowGroups - 1 through shared memory.
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    mom[k] = Moments<acc>{0, 0, 0, 0};
-    squared_error[k] = 0;
-  }
-  if (active) {
-    const auto* S = static_cast<const T*>(p.student);
-    const auto* Tt = static_cast<const T*>(p.teacher);
-    const bool s_aligned = vec_aligned<T>(S, p.student_row);
-    const bool t_aligned = vec_aligned<T>(Tt, p.teacher_row);
-    for (int64_t tile = 0; tile < shape.tiles_per_chunk; ++tile) {
-      const int64_t r0 = row0 + (tile * kRowGroups + threadIdx.y) * kRowsPerThread;
-      acc s[kRowsPerThread][V], t[kRowsPerThread][V];
-      bool valid[kRowsPerThread];
-      int n_valid = 0;
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        valid[i] = HAS_MASK ? row_valid(p, r0 + i) : r0 + i < p.n;
-        if (valid[i]) {
-          load_vec(S + (r0 + i) * p.student_row, col, p.d, s_aligned, s[i]);
-          load_vec(Tt + (r0 + i) * p.teacher_row, col, p.d, t_aligned, t[i]);
-          ++n_valid;
-        }
-      }
-      if (n_valid == 0) continue;
+    for (int k = 0; k < V; ++k) {
+      const int c = threadIdx.x * V + k;
+      shared[threadIdx.y][kMomentCount][c] = mom.count;
+      shared[threadIdx.y][kMomentPivot][c] = mom.pivot[k];
+      shared[threadIdx.y][kMomentPivotOffset][c] = mom.offset[k];
+      shared[threadIdx.y][kMomentM2][c] = mom.m2[k];
+      shared[threadIdx.y][kMomentSquaredError][c] = mom.squared_error[k];
+    }
+    __syncthreads();
+    if (threadIdx.y == 0 && active) {
+      acc* out = partials + ((int64_t(item.layer) * shape.num_chunks + item.chunk) * kMomentFields) *
+                                shape.max_d;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        // The first valid row's value, selected with constant indices: t[first][k] with a
-        // run-time `first` would put the tile in local memory.
-        acc pivot = 0;
-#pragma unroll
-        for (int i = kRowsPerThread - 1; i >= 0; --i) pivot = valid[i] ? t[i][k] : pivot;
-        acc sum = 0;
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          if (!valid[i]) continue;
-          const acc e = s[i][k] - t[i][k];
-          squared_error[k] += e * e;
-          sum += t[i][k] - pivot;
+        const int c = threadIdx.x * V + k;
+        Moments<acc> m{mom.count, mom.pivot[k], mom.offset[k], mom.m2[k]};
+        acc squared_error = mom.squared_error[k];
+        for (int g = 1; g < kRowGroups; ++g) {
+          chan_merge(m, Moments<acc>{shared[g][kMomentCount][c], shared[g][kMomentPivot][c],
+                                     shared[g][kMomentPivotOffset][c], shared[g][kMomentM2][c]});
+          squared_error += shared[g][kMomentSquaredError][c];
         }
-        const acc mean = sum / acc(n_valid);
-        acc m2 = 0;
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          const acc dev = (t[i][k] - pivot) - mean;
-          if (valid[i]) m2 += dev * dev;
+        if (col + k < p.d) {
+          out[kMomentCount * shape.max_d + col + k] = m.count;
+          out[kMomentPivot * shape.max_d + col + k] = m.pivot;
+          out[kMomentPivotOffset * shape.max_d + col + k] = m.offset;
+          out[kMomentM2 * shape.max_d + col + k] = m.m2;
+          out[kMomentSquaredError * shape.max_d + col + k] = squared_error;
         }
-        chan_merge(mom[k], Moments<acc>{acc(n_valid), pivot, mean, m2});
       }
     }
-  }
-
-  // Row groups merge in order 0, 1, ..., kRowGroups - 1 through shared memory.
-  __shared__ acc shared[kRowGroups][kMomentFields][kBlockD];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int c = threadIdx.x * V + k;
-    shared[threadIdx.y][0][c] = mom[k].count;
-    shared[threadIdx.y][1][c] = mom[k].pivot;
-    shared[threadIdx.y][2][c] = mom[k].offset;
-    shared[threadIdx.y][3][c] = mom[k].m2;
-    shared[threadIdx.y][4][c] = squared_error[k];
-  }
-  __syncthreads();
-  if (threadIdx.y != 0 || !active) return;
-  acc* out = partials + ((int64_t(blockIdx.z) * shape.num_chunks + blockIdx.x) * kMomentFields) *
-                            shape.max_d;
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int c = threadIdx.x * V + k;
-    for (int g = 1; g < kRowGroups; ++g) {
-      chan_merge(mom[k], Moments<acc>{shared[g][0][c], shared[g][1][c], shared[g][2][c],
-                                      shared[g][3][c]});
-      squared_error[k] += shared[g][4][c];
-    }
-    if (col + k < p.d) {
-      out[kMomentCount * shape.max_d + col + k] = mom[k].count;
-      out[kMomentPivot * shape.max_d + col + k] = mom[k].pivot;
-      out[kMomentPivotOffset * shape.max_d + col + k] = mom[k].offset;
-      out[kMomentM2 * shape.max_d + col + k] = mom[k].m2;
-      out[kMomentSquaredError * shape.max_d + col + k] = squared_error[k];
-    }
+    __syncthreads();  // the next item reuses `shared`
   }
 }
 
@@ -196,7 +334,7 @@ __global__ void merge_chunks_kernel(const LayerParams* layers, LaunchShape shape
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (j >= shape.max_d) return;
   const LayerParams p = layers[blockIdx.y];
-  const int64_t chunk_rows = int64_t(kRowGroups) * kRowsPerThread * shape.tiles_per_chunk;
+  const int64_t chunk_rows = kTileRows * shape.tiles_per_chunk;
   Moments<double> mom{0, 0, 0, 0};
   double squared_error = 0;
   if (j < p.d) {
@@ -266,141 +404,208 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-template <typename T, bool HAS_MASK, bool NEED_DT>
-__global__ void __launch_bounds__(kDimThreads * kRowGroups)
-    backward_kernel(const LayerParams* layers, LaunchShape shape, const double* grads,
-                    const double* dim_stats) {
-  using acc = typename Traits<T>::acc;
-  constexpr int V = kVec<T>;
-  const LayerParams p = layers[blockIdx.z];
-  const int64_t chunk_rows = int64_t(kRowGroups) * kRowsPerThread * shape.tiles_per_chunk;
-  const int64_t row0 = blockIdx.x * chunk_rows;
-  const int64_t col = blockIdx.y * int64_t(kDimThreads * V) + threadIdx.x * V;
-  if (row0 >= p.n || col >= p.d) return;
-  const double g = grads[blockIdx.z];
-  const double* stats = dim_stats + int64_t(blockIdx.z) * kDimFields * shape.max_d;
-  acc coef_s[V], coef_t[V], pivot[V], mean[V];
+// A thread's rows of one chunk in the backward: every valid row's S and T vectors of a batch
+// are requested before any is used, then the batch's dS (and dT) rows are stored (16-byte
+// stores when ALIGNED). A batch is the whole tile when ALIGNED and one row on the
+// element-wise path, whose loads would not fit the registers of a tile (rows are
+// independent here: the results do not depend on the batch). Masked rows are not read and
+// get zeros.
+template <typename T, bool HAS_MASK, bool NEED_DT, bool ALIGNED>
+__device__ __forceinline__ void chunk_grads(const LayerParams& p, const LaunchShape& shape,
+                                            int64_t row0, int64_t col,
+                                            const Bits<T>* __restrict__ S,
+                                            const Bits<T>* __restrict__ Tt,
+                                            Bits<T>* __restrict__ dS, Bits<T>* __restrict__ dT,
+                                            const Acc<T> (&coef_s)[kVec<T>],
+                                            const Acc<T> (&coef_t)[kVec<T>],
+                                            const Acc<T> (&pivot)[kVec<T>],
+                                            const Acc<T> (&mean)[kVec<T>]) {
+  using acc = Acc<T>;
+  using Tr = Traits<T>;
+  constexpr int kBatch = ALIGNED ? R : 1;
+  int64_t r0 = row0 + threadIdx.y * R;
+  bool valid[R];
+  row_flags<HAS_MASK>(p, r0, valid);
+  for (int64_t tile = 0; tile < shape.tiles_per_chunk && r0 < p.n; ++tile, r0 += kTileRows) {
+    bool now[R];
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t j = col + k < p.d ? col + k : col;
-    coef_s[k] = acc(g * stats[kCoefS * shape.max_d + j]);
-    coef_t[k] = acc(g * stats[kCoefT * shape.max_d + j]);
-    pivot[k] = acc(stats[kPivot * shape.max_d + j]);
-    mean[k] = acc(stats[kPivotOffset * shape.max_d + j]);
-  }
-  const auto* S = static_cast<const T*>(p.student);
-  const auto* Tt = static_cast<const T*>(p.teacher);
-  const bool s_aligned = vec_aligned<T>(S, p.student_row);
-  const bool t_aligned = vec_aligned<T>(Tt, p.teacher_row);
-  const bool out_aligned = vec_aligned<T>(p.grad_student, p.d) &&
-                           (!NEED_DT || vec_aligned<T>(p.grad_teacher, p.d));
-  for (int64_t tile = 0; tile < shape.tiles_per_chunk; ++tile) {
-    const int64_t r0 = row0 + (tile * kRowGroups + threadIdx.y) * kRowsPerThread;
+    for (int i = 0; i < R; ++i) now[i] = valid[i];
+    row_flags<HAS_MASK>(p, r0 + kTileRows, valid);
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int64_t r = r0 + i;
-      if (r >= p.n) break;
-      acc s[V], t[V], ds[V], dt[V];
-      const bool valid = HAS_MASK ? row_valid(p, r) : true;
-      if (valid) {
-        load_vec(S + r * p.student_row, col, p.d, s_aligned, s);
-        load_vec(Tt + r * p.teacher_row, col, p.d, t_aligned, t);
+    for (int b = 0; b < R; b += kBatch) {
+      RowBits s[kBatch], t[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        s[i] = load_row<T, ALIGNED>(S + (r0 + b + i) * p.student_row, col, p.d, now[b + i]);
+        t[i] = load_row<T, ALIGNED>(Tt + (r0 + b + i) * p.teacher_row, col, p.d, now[b + i]);
       }
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        ds[k] = valid ? coef_s[k] * (s[k] - t[k]) : acc(0);
-        dt[k] = valid ? coef_t[k] * ((t[k] - pivot[k]) - mean[k]) - ds[k] : acc(0);
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t r = r0 + b + i;
+        if (r >= p.n) break;
+        RowBits ds = make_uint4(0, 0, 0, 0), dt = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int k = 0; k < kVec<T>; ++k) {
+          acc ds_k = 0, dt_k = 0;
+          if (now[b + i]) {
+            const acc tk = Tr::to_acc(element<T>(t[i], k));
+            ds_k = coef_s[k] * (Tr::to_acc(element<T>(s[i], k)) - tk);
+            dt_k = coef_t[k] * ((tk - pivot[k]) - mean[k]) - ds_k;
+          }
+          set_element<T>(ds, k, Tr::from_acc(ds_k));
+          set_element<T>(dt, k, Tr::from_acc(dt_k));
+        }
+        store_row<T, ALIGNED>(dS + r * p.d, col, p.d, ds);
+        if (NEED_DT) store_row<T, ALIGNED>(dT + r * p.d, col, p.d, dt);
       }
-      store_vec(static_cast<T*>(p.grad_student) + r * p.d, col, p.d, out_aligned, ds);
-      if (NEED_DT) store_vec(static_cast<T*>(p.grad_teacher) + r * p.d, col, p.d, out_aligned, dt);
     }
   }
 }
 
-template <typename T>
-dim3 rows_grid(const LaunchShape& shape) {
-  const int64_t block_d = int64_t(kDimThreads) * kVec<T>;
-  return dim3(static_cast<unsigned>(shape.num_chunks),
-              static_cast<unsigned>((shape.max_d + block_d - 1) / block_d),
-              static_cast<unsigned>(shape.num_layers));
+template <typename T, bool HAS_MASK, bool NEED_DT, bool ALIGNED>
+__global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
+    backward_kernel(const LayerParams* __restrict__ layers, LaunchShape shape,
+                    const double* __restrict__ grads, const double* __restrict__ dim_stats) {
+  using acc = Acc<T>;
+  constexpr int V = kVec<T>;
+  const int items = num_items(shape);
+  for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    const Item item = item_at(shape, w, kDimThreads * V);
+    const LayerParams p = layers[item.layer];
+    const int64_t col = item.col0 + threadIdx.x * V;
+    if (item.row0 >= p.n || col >= p.d) continue;  // no barriers in this kernel
+    const double g = grads[item.layer];
+    const double* stats = dim_stats + int64_t(item.layer) * kDimFields * shape.max_d;
+    acc coef_s[V], coef_t[V], pivot[V], mean[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t j = col + k < p.d ? col + k : col;
+      coef_s[k] = acc(g * stats[kCoefS * shape.max_d + j]);
+      coef_t[k] = acc(g * stats[kCoefT * shape.max_d + j]);
+      pivot[k] = acc(stats[kPivot * shape.max_d + j]);
+      mean[k] = acc(stats[kPivotOffset * shape.max_d + j]);
+    }
+    const auto* S = static_cast<const Bits<T>*>(p.student);
+    const auto* Tt = static_cast<const Bits<T>*>(p.teacher);
+    auto* dS = static_cast<Bits<T>*>(p.grad_student);
+    auto* dT = static_cast<Bits<T>*>(p.grad_teacher);
+    chunk_grads<T, HAS_MASK, NEED_DT, ALIGNED>(p, shape, item.row0, col, S, Tt, dS, dT, coef_s,
+                                                coef_t, pivot, mean);
+  }
 }
 
+template <typename F>
+const void* entry(F* kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+
+// The hot kernel instance of a variant: one selection for the occupancy query of the plan
+// and for the launch.
 template <typename T>
-cudaError_t forward_typed(const LayerParams* layers, const LaunchShape& shape, bool has_mask,
-                          double power, double eps, void* partials, double* dim_stats,
-                          double* losses, cudaStream_t stream) {
-  using acc = typename Traits<T>::acc;
-  const dim3 block(kDimThreads, kRowGroups);
-  auto* part = static_cast<acc*>(partials);
-  if (has_mask) {
-    stats_kernel<T, true><<<rows_grid<T>(shape), block, 0, stream>>>(layers, shape, part);
-  } else {
-    stats_kernel<T, false><<<rows_grid<T>(shape), block, 0, stream>>>(layers, shape, part);
+const void* hot_kernel_typed(const KernelVariant& v) {
+  if (v.pass == Pass::kStats) {
+    const void* const stats[2][2] = {
+        {entry(stats_kernel<T, false, false>), entry(stats_kernel<T, false, true>)},
+        {entry(stats_kernel<T, true, false>), entry(stats_kernel<T, true, true>)}};
+    return stats[v.has_mask][v.aligned];
   }
+  const void* const backward[2][2][2] = {
+      {{entry(backward_kernel<T, false, false, false>),
+        entry(backward_kernel<T, false, false, true>)},
+       {entry(backward_kernel<T, false, true, false>),
+        entry(backward_kernel<T, false, true, true>)}},
+      {{entry(backward_kernel<T, true, false, false>),
+        entry(backward_kernel<T, true, false, true>)},
+       {entry(backward_kernel<T, true, true, false>),
+        entry(backward_kernel<T, true, true, true>)}}};
+  return backward[v.has_mask][v.need_teacher_grad][v.aligned];
+}
+
+const void* hot_kernel(const KernelVariant& v) {
+  switch (v.dtype) {
+    case DType::kFloat16: return hot_kernel_typed<__half>(v);
+    case DType::kBFloat16: return hot_kernel_typed<__nv_bfloat16>(v);
+    case DType::kFloat32: return hot_kernel_typed<float>(v);
+    case DType::kFloat64: return hot_kernel_typed<double>(v);
+  }
+  return nullptr;
+}
+
+int element_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 0;
+}
+
+cudaError_t launch_hot(const KernelVariant& v, const LaunchShape& shape, void** args,
+                       cudaStream_t stream) {
+  return cudaLaunchKernel(hot_kernel(v), dim3(static_cast<unsigned>(shape.grid)),
+                          dim3(kDimThreads, kRowGroups), args, 0, stream);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool vector_aligned(const LayerParams* host_layers, int num_layers, DType dtype, Pass pass) {
+  const int64_t vec = 16 / element_size(dtype);
+  for (int l = 0; l < num_layers; ++l) {
+    const LayerParams& p = host_layers[l];
+    bool ok = aligned16(p.student) && aligned16(p.teacher) && p.d % vec == 0 &&
+              p.student_row % vec == 0 && p.teacher_row % vec == 0;
+    if (pass == Pass::kBackward) {
+      ok = ok && aligned16(p.grad_student) &&
+           (p.grad_teacher == nullptr || aligned16(p.grad_teacher));
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+cudaError_t plan_device_launch(const KernelVariant& variant, int64_t max_n, int64_t max_d,
+                               int num_layers, int device, LaunchShape* shape) {
+  int sms = 0, per_sm = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hot_kernel(variant),
+                                                      kBlockThreads, 0);
+  if (err != cudaSuccess) return err;
+  *shape = plan_launch(max_n, max_d, num_layers, element_size(variant.dtype), sms, per_sm);
+  const int64_t items = shape->num_layers * shape->dim_blocks * shape->num_chunks;
+  return items <= INT32_MAX ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape,
+                           const KernelVariant& variant, double power, double eps,
+                           void* partials, double* dim_stats, double* losses,
+                           cudaStream_t stream) {
+  LaunchShape by_value = shape;
+  void* args[] = {&layers, &by_value, &partials};
+  cudaError_t err = launch_hot(variant, shape, args, stream);
+  if (err != cudaSuccess) return err;
   const dim3 merge_grid(static_cast<unsigned>((shape.max_d + 255) / 256), shape.num_layers);
-  merge_chunks_kernel<acc><<<merge_grid, 256, 0, stream>>>(layers, shape, part, dim_stats);
+  if (variant.dtype == DType::kFloat64) {
+    merge_chunks_kernel<double><<<merge_grid, 256, 0, stream>>>(
+        layers, shape, static_cast<const double*>(partials), dim_stats);
+  } else {
+    merge_chunks_kernel<float><<<merge_grid, 256, 0, stream>>>(
+        layers, shape, static_cast<const float*>(partials), dim_stats);
+  }
   finalize_kernel<<<shape.num_layers, kFinalizeThreads, 0, stream>>>(layers, shape, power, eps,
                                                                       dim_stats, losses);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t backward_typed(const LayerParams* layers, const LaunchShape& shape, bool has_mask,
-                           bool need_dt, const double* grads, const double* dim_stats,
-                           cudaStream_t stream) {
-  const dim3 grid = rows_grid<T>(shape), block(kDimThreads, kRowGroups);
-  if (has_mask && need_dt) {
-    backward_kernel<T, true, true><<<grid, block, 0, stream>>>(layers, shape, grads, dim_stats);
-  } else if (has_mask) {
-    backward_kernel<T, true, false><<<grid, block, 0, stream>>>(layers, shape, grads, dim_stats);
-  } else if (need_dt) {
-    backward_kernel<T, false, true><<<grid, block, 0, stream>>>(layers, shape, grads, dim_stats);
-  } else {
-    backward_kernel<T, false, false><<<grid, block, 0, stream>>>(layers, shape, grads, dim_stats);
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace
-
-cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
-                           bool has_mask, double power, double eps, void* partials,
-                           double* dim_stats, double* losses, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return forward_typed<__half>(layers, shape, has_mask, power, eps, partials, dim_stats,
-                                   losses, stream);
-    case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(layers, shape, has_mask, power, eps, partials,
-                                          dim_stats, losses, stream);
-    case DType::kFloat32:
-      return forward_typed<float>(layers, shape, has_mask, power, eps, partials, dim_stats,
-                                  losses, stream);
-    case DType::kFloat64:
-      return forward_typed<double>(layers, shape, has_mask, power, eps, partials, dim_stats,
-                                   losses, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_backward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
-                            bool has_mask, bool need_teacher_grad, const double* grads,
+cudaError_t launch_backward(const LayerParams* layers, const LaunchShape& shape,
+                            const KernelVariant& variant, const double* grads,
                             const double* dim_stats, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return backward_typed<__half>(layers, shape, has_mask, need_teacher_grad, grads,
-                                    dim_stats, stream);
-    case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(layers, shape, has_mask, need_teacher_grad, grads,
-                                           dim_stats, stream);
-    case DType::kFloat32:
-      return backward_typed<float>(layers, shape, has_mask, need_teacher_grad, grads, dim_stats,
-                                   stream);
-    case DType::kFloat64:
-      return backward_typed<double>(layers, shape, has_mask, need_teacher_grad, grads,
-                                    dim_stats, stream);
-  }
-  return cudaErrorInvalidValue;
+  LaunchShape by_value = shape;
+  void* args[] = {&layers, &by_value, &grads, &dim_stats};
+  return launch_hot(variant, shape, args, stream);
 }
 
 }  // namespace eofd

@@ -8,16 +8,36 @@
 
 namespace eofd {
 
+// Which instance of a hot kernel a call runs.
+struct KernelVariant {
+  Pass pass;
+  DType dtype;
+  bool has_mask;           // some layer has a mask
+  bool need_teacher_grad;  // backward: dT too
+  bool aligned;            // vector_aligned: 16-byte loads and stores
+};
+
+// Whether every layer of a call takes 16-byte vectors: S and T (and, for the backward, dS and
+// dT) 16-byte aligned, d and the row strides multiples of the vector. One test per call, as
+// the Triton launcher's ALIGNED: the kernels then need no per-row or per-thread test.
+bool vector_aligned(const LayerParams* host_layers, int num_layers, DType dtype, Pass pass);
+
+// The launch of a variant for a call on `device`: the grid heuristic of launch_params.h
+// (plan_launch) with the CTAs per SM the selected kernel's registers allow.
+cudaError_t plan_device_launch(const KernelVariant& variant, int64_t max_n, int64_t max_d,
+                               int num_layers, int device, LaunchShape* shape);
+
 // layers: device array of num_layers LayerParams. partials: device workspace of
 // num_layers * num_chunks * kMomentFields * max_d accumulators (double for kFloat64, else float).
 // dim_stats: (L, kDimFields, max_d) double; losses: (L,) double.
-cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
-                           bool has_mask, double power, double eps, void* partials,
-                           double* dim_stats, double* losses, cudaStream_t stream);
+cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape,
+                           const KernelVariant& variant, double power, double eps,
+                           void* partials, double* dim_stats, double* losses,
+                           cudaStream_t stream);
 
 // grads: (L,) double, the incoming gradient of every layer's loss.
-cudaError_t launch_backward(const LayerParams* layers, const LaunchShape& shape, DType dtype,
-                            bool has_mask, bool need_teacher_grad, const double* grads,
+cudaError_t launch_backward(const LayerParams* layers, const LaunchShape& shape,
+                            const KernelVariant& variant, const double* grads,
                             const double* dim_stats, cudaStream_t stream);
 
 // Copies num_layers params from host memory into the device table through kernel parameters

@@ -24,35 +24,34 @@ DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
+}
 
-// Streaming multiprocessors of `device` (the runtime answers from its cached properties).
-int64_t multiprocessors(const at::Device& device) {
-  int count = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()) ==
-                  cudaSuccess,
-              "eofd_ext: cannot read the multiprocessor count of ", device);
-  return count;
+bool any_mask(const LayerTable& table) {
+  return std::any_of(table.layers.begin(), table.layers.end(),
+                     [](const LayerParams& p) { return p.mask != nullptr; });
+}
+
+// The kernel instance of a call: from its dtype, masks and pointers (for the backward, with
+// the outputs already in the table).
+KernelVariant kernel_variant(const LayerTable& table, Pass pass, bool need_teacher_grad) {
+  const DType dtype = kernel_dtype(table.dtype);
+  return KernelVariant{pass, dtype, any_mask(table), need_teacher_grad,
+                       vector_aligned(table.layers.data(), static_cast<int>(table.layers.size()),
+                                      dtype, pass)};
 }
 
 // From shapes and the device alone, so the reduction order (the bits) never varies.
-LaunchShape launch_shape(const LayerTable& table, const at::Device& device) {
+LaunchShape launch_shape(const LayerTable& table, const KernelVariant& variant,
+                         const at::Device& device) {
+  int64_t max_n = 0;
+  for (const LayerParams& p : table.layers) max_n = std::max(max_n, p.n);
   LaunchShape shape{};
-  shape.num_layers = static_cast<int>(table.layers.size());
-  shape.max_d = table.max_d;
-  for (const LayerParams& p : table.layers) shape.max_n = std::max(shape.max_n, p.n);
-  const int64_t block_d = int64_t(kDimThreads) * (16 / at::elementSize(table.dtype));
-  const int64_t tile_rows = int64_t(kRowGroups) * kRowsPerThread;
-  const int64_t tiles = cdiv(shape.max_n, tile_rows);
-  const int64_t wanted =
-      4 * multiprocessors(device) / (shape.num_layers * cdiv(shape.max_d, block_d));
-  shape.tiles_per_chunk = tiles_per_chunk(tiles, tile_rows, wanted);
-  shape.num_chunks = cdiv(tiles, shape.tiles_per_chunk);
+  check_launch(plan_device_launch(variant, max_n, table.max_d,
+                                  static_cast<int>(table.layers.size()), device.index(),
+                                  &shape));
   return shape;
-}
-
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 // The params table in device memory, written on the current stream from kernel parameters
@@ -66,29 +65,25 @@ at::Tensor device_table(const LayerTable& table, const at::Device& device) {
   return layers;
 }
 
-bool any_mask(const LayerTable& table) {
-  return std::any_of(table.layers.begin(), table.layers.end(),
-                     [](const LayerParams& p) { return p.mask != nullptr; });
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cuda(
     at::TensorList students, at::TensorList teachers,
     const c10::List<std::optional<at::Tensor>>& masks, double power, double eps) {
   const c10::cuda::CUDAGuard guard(students[0].device());
   const LayerTable table = make_layer_table(students, teachers, masks);
-  const LaunchShape shape = launch_shape(table, students[0].device());
+  const KernelVariant variant = kernel_variant(table, Pass::kStats, false);
+  const LaunchShape shape = launch_shape(table, variant, students[0].device());
   const auto options = students[0].options();
   const auto acc = table.dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials =
-      at::empty({shape.num_layers * shape.num_chunks * kMomentFields * shape.max_d}, options.dtype(acc));
+  at::Tensor partials = at::empty(
+      {shape.num_layers * shape.num_chunks * kMomentFields * shape.max_d}, options.dtype(acc));
   at::Tensor dim_stats = at::empty({shape.num_layers, kDimFields, shape.max_d},
                                    options.dtype(at::kDouble));
   at::Tensor losses = at::empty({shape.num_layers}, options.dtype(at::kDouble));
   const at::Tensor layers = device_table(table, students[0].device());
   check_launch(launch_forward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
-                              kernel_dtype(table.dtype), any_mask(table), power, eps,
-                              partials.data_ptr(), dim_stats.data_ptr<double>(),
-                              losses.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
+                              variant, power, eps, partials.data_ptr(),
+                              dim_stats.data_ptr<double>(), losses.data_ptr<double>(),
+                              c10::cuda::getCurrentCUDAStream()));
   return {losses.to(acc), dim_stats};
 }
 
@@ -98,16 +93,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cuda(
     bool need_teacher_grad) {
   const c10::cuda::CUDAGuard guard(students[0].device());
   LayerTable table = make_layer_table(students, teachers, masks);
-  const LaunchShape shape = launch_shape(table, students[0].device());
   check_backward_inputs(table, grad_losses, dim_stats, students[0].device());
   const at::Tensor grads = grad_losses.to(at::kDouble).contiguous();
   auto grads_out =
       allocate_grads(table, students, teachers, need_teacher_grad,
                      [](const at::Tensor& x) { return at::empty(x.sizes(), x.options()); });
+  const KernelVariant variant = kernel_variant(table, Pass::kBackward, need_teacher_grad);
+  const LaunchShape shape = launch_shape(table, variant, students[0].device());
   const at::Tensor layers = device_table(table, students[0].device());
   check_launch(launch_backward(reinterpret_cast<const LayerParams*>(layers.data_ptr()), shape,
-                               kernel_dtype(table.dtype), any_mask(table), need_teacher_grad,
-                               grads.data_ptr<double>(), dim_stats.data_ptr<double>(),
+                               variant, grads.data_ptr<double>(), dim_stats.data_ptr<double>(),
                                c10::cuda::getCurrentCUDAStream()));
   return grads_out;
 }
