@@ -1,6 +1,6 @@
 // The op schemas, declared once. CPU and CUDA implementations register separately
 // (cpu/cpu_ops.cpp, cuda/eofd_cuda_glue.cpp); fake impls and autograd live in Python
-// (eofd_kernels/backends/ext_backend.py, op_autograd.py, grad_ahead.py).
+// (eofd_kernels/backends/ext_backend.py, layer_losses.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,6 +16,11 @@ TORCH_LIBRARY(eofd_ext, m) {
   // dS per layer, and dT per layer when need_teacher_grad (else []).
   m.def("backward(Tensor grad_losses, Tensor[] students, Tensor[] teachers, Tensor?[] masks, "
         "Tensor dim_stats, bool need_teacher_grad) -> (Tensor[], Tensor[])");
+  // The CPU buffer cache's controls (cpu/output_pool.h): bytes freed; cached bytes and the
+  // limit; a new limit.
+  m.def("empty_cpu_cache() -> int");
+  m.def("cpu_cache_info() -> int[]");
+  m.def("set_cpu_cache_limit(int bytes) -> ()");
 }
 
 // An importable module, so `import eofd_kernels._C` loads the library and registers the ops.

@@ -196,8 +196,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
   return grads_out;
 }
 
-// The pool's controls take no tensors, so the dispatcher cannot route them by device: their
-// schemas come with their one implementation (a CPU-only concept, declared here with it).
+// The pool's controls take no tensors, so the dispatcher cannot route them by device: they
+// register for every key (CompositeImplicitAutograd), as the one implementation there is.
 int64_t empty_cpu_cache() { return static_cast<int64_t>(OutputPool::instance()->release()); }
 
 std::vector<int64_t> cpu_cache_info() {
@@ -212,10 +212,10 @@ void set_cpu_cache_limit(int64_t bytes) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(eofd_ext, m) {
-  m.def("empty_cpu_cache() -> int", &empty_cpu_cache);
-  m.def("cpu_cache_info() -> int[]", &cpu_cache_info);
-  m.def("set_cpu_cache_limit(int bytes) -> ()", &set_cpu_cache_limit);
+TORCH_LIBRARY_IMPL(eofd_ext, CompositeImplicitAutograd, m) {
+  m.impl("empty_cpu_cache", &empty_cpu_cache);
+  m.impl("cpu_cache_info", &cpu_cache_info);
+  m.impl("set_cpu_cache_limit", &set_cpu_cache_limit);
 }
 
 TORCH_LIBRARY_IMPL(eofd_ext, CPU, m) {
