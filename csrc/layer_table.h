@@ -22,7 +22,7 @@ struct LayerTable {
 // x (..., d) as n = numel / d rows of d contiguous elements: its data and row stride in place
 // when a (n, d) view of it has unit column stride, else those of a contiguous copy (a
 // transposed (N, B, d), strided columns). Computed from sizes and strides, without the
-// dispatcher: reshape() per layer and side cost ~1 us, most of a small layer's op time.
+// dispatcher, whose reshape() per layer and side would be most of a small layer's op time.
 struct LayerRows {
   const void* data;
   int64_t n, d, row_stride;

@@ -1,6 +1,6 @@
 """Odd and hostile inputs: no silent wrong number, a clear error naming the argument otherwise.
 
-Each test here failed on the code before these fixes (a NaN or a wrong value, a dropped
+Each test here checks a class of input that can go wrong (a NaN or a wrong value, a dropped
 graph, a detached weight, an unclear or missing error), for every backend it concerns.
 """
 

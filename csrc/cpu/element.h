@@ -1,8 +1,8 @@
 // How the CPU kernels read and write each dtype, in loops the compiler can vectorize.
 //
 // c10::BFloat16 converts through branchy scalar code that keeps GCC from vectorizing the loops
-// around it: the bf16 backward ran at a third of fp32's bandwidth (6.8 ms vs 2.0 ms now for
-// 12 x 1024 x 768 on the 2-core CI machine). Here bf16 is its raw bits, widened by a shift and
+// around it, so a bf16 pass would run far below fp32's bandwidth (docs/performance.md). Here
+// bf16 is its raw bits, widened by a shift and
 // narrowed with branch-free round-to-nearest-even (NaN stays a quiet NaN): c10's results.
 // fp16 keeps c10::Half: GCC 12's _Float16 converts through libgcc calls without AVX512-FP16,
 // which measured slower still; fp16 on a CPU is rare.

@@ -2,9 +2,8 @@
 // partials).
 //
 // glibc hands every multi-MB allocation back to the OS when it is freed, so each backward's
-// fresh dS pages fault in again and the kernel zeroes them: on the 2-core CI machine that
-// tripled the median backward (12 x 1024 x 768 fp32: 13.8 ms, vs 5.0 ms with malloc kept from
-// trimming). Training asks for the same sizes every step, so buffers freed by autograd are kept
+// fresh dS pages fault in again and the kernel zeroes them, which costs more than the backward
+// itself (docs/performance.md). Training asks for the same sizes every step, so buffers freed by autograd are kept
 // here, already faulted in, and handed out again for an exact size match, up to limit() bytes
 // in total (beyond that they are freed; 1 GiB by default). This is the CPU analogue of the CUDA
 // caching allocator, and like torch.cuda.empty_cache, release() hands the cache back

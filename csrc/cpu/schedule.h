@@ -67,8 +67,8 @@ std::vector<int64_t> group_ends(const LayerTable& table, int64_t group_bytes) {
 // gradient chunk. Group g's statistics chunks alternate with group g - 1's gradient chunks,
 // `lead` (>= 1, the thread count) statistics chunks ahead: right after a group's last
 // statistics chunk is claimed, every other thread's next claim is a statistics chunk, not a
-// gradient chunk that must wait for that group's finalize (docs/performance.md has the
-// measured effect of both choices). At most two groups are in flight, so the gradient chunks
+// gradient chunk that must wait for that group's finalize (docs/performance.md: the effect
+// of both choices). At most two groups are in flight, so the gradient chunks
 // find T still in L3. Without gradients: the statistics chunks.
 inline std::vector<int64_t> claim_order(const std::vector<int64_t>& first_chunk,
                                  const std::vector<int64_t>& group_end, bool with_grads,

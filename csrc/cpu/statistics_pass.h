@@ -17,8 +17,8 @@ namespace eofd {
 // (First: the chunk's first tile, taken whole), and with SqErr squared_error += sum (S - T)^2
 // (without it S is not read: the forward's gradient pass sums it, student_grad_chunk).
 // frac = R / (count + R), cross = count * frac, count being the chunk's rows so far: the merge
-// is chan_merge_nonempty with its count-only factors hoisted out of the loop (per dim, the
-// divisions made the forward 2x slower). While it reads a line of each row, it prefetches the
+// is chan_merge_nonempty with its count-only factors hoisted out of the loop (divisions per
+// dim would dominate the pass). While it reads a line of each row, it prefetches the
 // same line of each row of the next tile (next_s, next_t) into L2: the hardware prefetchers do
 // not keep 2R interleaved streams ahead (docs/performance.md).
 template <int R, bool First, bool SqErr, typename elem_t, typename acc_t>

@@ -2,9 +2,8 @@
 //
 // dS is written once and not read again by this op: a normal store first reads each cache line
 // from memory (write-allocate), so writing dS would cost two passes. Streaming stores skip that
-// read. On the 2-core CI machine (12 x 1024 x 768 fp32, 40 interleaved reps in one process)
-// they cut the backward op from 4.85 to 4.10 ms (min; medians 5.81 -> 5.16). Pieces of a row are
-// computed into an L1 buffer and streamed out; a piece's unaligned head and tail use plain stores.
+// read (docs/performance.md has what that saves). Pieces of a row are computed into an L1
+// buffer and streamed out; a piece's unaligned head and tail use plain stores.
 #pragma once
 
 #include <algorithm>

@@ -43,7 +43,7 @@ inline std::vector<Chunk> make_chunks(const LayerTable& table, int64_t* workspac
 constexpr int kTileRows = 8;
 
 // R row pointers, passed by value: GCC then keeps them in registers; read through an array in
-// memory it re-loads them in the loop and vectorizes the rows' loads as gathers (4x slower).
+// memory it re-loads them in the loop and vectorizes the rows' loads as gathers (far slower).
 template <int R, typename elem_t>
 struct Rows {
   const elem_t* row[R];

@@ -57,7 +57,7 @@ _MISSING = {
 }
 
 
-@functools.cache  # fixed for the process; asking the dispatcher costs ~10 us per call
+@functools.cache  # fixed for the process, and asking the dispatcher on every call adds up
 def _missing_cached(name: str, device_type: str) -> str | None:
     return _MISSING[name](device_type)
 
