@@ -1,18 +1,26 @@
 """The benchmark machinery: providers agree with each other, the sweep records what it
-claims, and the report (markdown, JSON, plots) carries every field."""
+claims, the report (markdown, JSON, plots) carries every field, the whole-step benchmark's
+ways compute one objective and its parts cover the step, and every bad argument is one
+argparse error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import pytest
 import torch
 
+from eofd_kernels import cpu_cache_info, set_cpu_cache_limit
+from eofd_kernels.bench import step as step_bench
+from eofd_kernels.bench.memory import peak_extra_mb
 from eofd_kernels.bench.providers import BASELINES, make_inputs, make_step, providers
 from eofd_kernels.bench.report import device_slug, markdown, plot, write_json
 from eofd_kernels.bench.shapes import MODELS, PRESETS, Preset, Shape, model_shape
 from eofd_kernels.bench.sweep import environment, ideal_bytes, run_sweep
 from eofd_kernels.cli import main
+from eofd_kernels.distill import uniform_layer_map
 
 CPU = torch.device("cpu")
 TINY = Shape("tiny", 2, 2, 16, 24)
@@ -92,9 +100,122 @@ def test_bench_command_writes_table_json(tmp_path, capsys):
     assert code == 0
     assert "| tinybert-4 L=4 B=8 N=128 d=312 | float32 | fwd |" in capsys.readouterr().out
     assert {"bench.md", "bench.json"} <= {p.name for p in tmp_path.iterdir()}
-    with pytest.raises(SystemExit, match="--providers"):
-        main(["bench", "--providers", "nope", "--out", str(tmp_path)])
 
 
 def test_device_slug():
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+# Tiny pairs of the two families: GPT-2 with L_pred on the logits and EOFD on every student
+# layer, BERT with the hidden loss only (embeddings mapped too).
+_TINY_SIZES = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)
+TINY_GPT2 = step_bench.Setting(
+    "tiny-gpt2", "tiny GPT-2 pair", "gpt2",
+    dict(n_layer=4, n_embd=32, n_head=2, n_positions=16, **_TINY_SIZES),
+    dict(n_layer=2, n_embd=16, n_head=2, n_positions=16, **_TINY_SIZES),
+    uniform_layer_map(2, 4, embeddings=False), batch=2, seq=8, use_logits=True,
+    hidden_weight=0.5)
+TINY_BERT = step_bench.Setting(
+    "tiny-bert", "tiny BERT pair", "bert",
+    dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+         max_position_embeddings=16, vocab_size=64),
+    dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+         max_position_embeddings=16, vocab_size=64),
+    uniform_layer_map(1, 2), batch=2, seq=8, use_logits=False, hidden_weight=1.0)
+
+
+def test_step_ways_compute_one_objective():
+    """At step 0 the paper's code, its compiled twin and ours give the same loss; plain MSE
+    gives another (the teacher has outlier dims), and the paper's at p = 0."""
+    records = step_bench.run_setting(TINY_GPT2, CPU, torch.float32, warmup=0, reps=2,
+                                     measure_memory=False, print_fn=lambda *_: None)
+    loss0 = {r["way"]: r["loss0"] for r in records}
+    assert list(loss0) == list(step_bench.WAYS)
+    for way in ("paper compiled", "eofd_kernels"):
+        assert loss0[way] == pytest.approx(loss0["paper"], rel=1e-5)
+    assert loss0["mse"] != pytest.approx(loss0["paper"], rel=1e-3)
+    p0 = step_bench.run_setting(TINY_BERT, CPU, torch.float32, ways=("paper", "mse"),
+                                power=0.0, warmup=0, reps=1, measure_memory=False,
+                                print_fn=lambda *_: None)
+    assert p0[0]["loss0"] == pytest.approx(p0[1]["loss0"], rel=1e-6)
+    for r in records:
+        sums = [sum(parts) for parts in r["steps_ms"]]
+        assert len(sums) == 2 and min(sums) <= r["step_ms"] <= max(sums)
+        assert r["p20_ms"] <= r["step_ms"] <= r["p80_ms"]
+        assert list(r["parts"]) == list(step_bench.PARTS)
+        assert all(ms > 0 for parts in r["steps_ms"] for ms in parts)
+    paper = records[0]
+    assert paper["vs_paper"] == 1.0
+    assert records[-1]["vs_paper"] == pytest.approx(paper["step_ms"] / records[-1]["step_ms"])
+
+
+def test_step_parts_cover_the_step():
+    bench = step_bench.StepBench(TINY_BERT, CPU, torch.float32)
+    way = bench.ways(["eofd_kernels"], 0.5)[0]
+    bench.step(way)
+    for _ in range(3):
+        start = time.perf_counter()
+        parts, loss = bench.step(way)
+        wall = (time.perf_counter() - start) * 1e3
+        assert len(parts) == len(step_bench.PARTS) and loss > 0
+        assert 0.8 * wall <= sum(parts) <= wall
+
+
+def test_bench_step_command(tmp_path, monkeypatch, capsys):
+    """The command on a tiny setting: step.json's fields, step.md's rows and the plot."""
+    monkeypatch.setitem(step_bench.SETTINGS, "tiny", TINY_BERT)
+    code = main(["bench", "--step", "tiny", "--ways", "paper", "eofd_kernels", "--reps", "2",
+                 "--batch", "3", "--no-memory", "--out", str(tmp_path)])
+    assert code == 0
+    saved = json.loads((tmp_path / "step.json").read_text())
+    assert saved["meta"]["command"] and saved["meta"]["device"]
+    assert [r["way"] for r in saved["records"]] == ["paper", "eofd_kernels"]
+    for r in saved["records"]:
+        assert {"setting", "way", "step_ms", "parts", "peak_extra_mb", "loss0"} <= set(r)
+        assert r["setting"] == "tiny-bert" and r["batch"] == 3 and r["seq"] == 8
+    table = (tmp_path / "step.md").read_text()
+    assert "| paper |" in table and "| **eofd_kernels** |" in table
+    assert "tiny BERT pair, B=3, N=8, float32" in capsys.readouterr().out
+    if (tmp_path / "step.png").exists():
+        assert (tmp_path / "step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peak_memory_sees_a_call_and_the_child_reports_every_way():
+    """A fresh 64 MB tensor is mapped on its own (over glibc's largest mmap threshold), so the
+    reading sees it; the fresh process's work, run here, gives a peak per way."""
+    mb = peak_extra_mb(lambda: torch.ones(16 * 2**20))
+    assert 63 <= mb < 200
+    spec = {"setting": dataclasses.asdict(TINY_BERT), "ways": ["paper", "eofd_kernels"],
+            "dtype": "float32", "power": 0.5}
+    limit = cpu_cache_info()["limit_bytes"]
+    try:
+        peaks = step_bench._cpu_child(spec)
+    finally:
+        set_cpu_cache_limit(limit)
+    assert list(peaks) == spec["ways"] and all(v >= 0 for v in peaks.values())
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--reps", "0"], "--reps"), (["--reps", "-3"], "--reps"), (["--reps", "x"], "--reps"),
+    (["--device", "tpu9"], "--device"), (["--device", "cuda:7"], "--device"),
+    (["--out", "{file}"], "--out"), (["--out", "{file}/sub"], "--out"),
+    (["--providers", "nope"], "--providers"),
+    (["--fused-projection", "--dtypes", "bf16"], "--dtypes"),
+    (["--step", "--dtypes", "fp16"], "--dtypes"), (["--step", "--seq", "100000"], "--seq"),
+    (["--step", "--batch", "0"], "--batch"), (["--step", "--warmup", "-1"], "--warmup"),
+    (["--step", "gpt3"], "--step"), (["--step", "--fused-projection"], "--fused-projection"),
+])
+def test_bench_bad_arguments_are_one_argparse_error(argv, flag, tmp_path, capsys):
+    if flag == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    if "--dtypes" in argv and "--fused-projection" in argv and torch.cuda.is_available():
+        pytest.skip("bf16 runs on a GPU")
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *(a.format(file=file) for a in argv)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eofd-kernels bench: error:") and flag in last

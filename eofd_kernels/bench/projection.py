@@ -12,17 +12,15 @@ Time: median of round-robin reps in one process. Peak extra memory: what a step 
 its inputs and the gradients every path must return (dX, dW, db). On a GPU,
 ``torch.cuda.max_memory_allocated``; on a CPU, each provider runs in a fresh process whose
 peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up step) is read
-after one step, minus the resident set before it and the returned gradients' bytes; glibc
-maps every block over 64 KB on its own there, so freed memory leaves the resident set, and
-the CPU extension's buffer cache is off (a cached buffer is memory in use as well).
+after one step, minus the resident set before it and the returned gradients' bytes
+(:mod:`eofd_kernels.bench.memory`); the CPU extension's buffer cache is off there (a cached
+buffer is memory in use as well).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from ..projected_loss import eofd_projected_loss
 from ..reference import eofd_loss_reference
 from ..synthetic import teacher_states
 from ..timing import time_ms_interleaved
+from . import memory
 
 __all__ = ["PROVIDERS", "SHAPES", "run_fused_projection"]
 
@@ -100,27 +99,15 @@ def _grad_bytes(xs, ws, bs) -> int:
     return sum(x.numel() * x.element_size() for x in xs + ws + bs)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _child_peak_mb(provider: str, shape_key: str) -> float:
     """In this (fresh) process: one warm-up step, then the peak extra memory of one step."""
     import eofd_kernels as ek
 
     ek.set_cpu_cache_limit(0)
-    device = torch.device("cpu")
-    xs, ws, bs, ts = _inputs(SHAPES[shape_key], device)
+    xs, ws, bs, ts = _inputs(SHAPES[shape_key], torch.device("cpu"))
     step = _step(provider, xs, ws, bs, ts)
     step()  # warm-up (its gradients are freed at once)
-    ek.empty_cpu_cache()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before_kb = _status_kb("VmRSS")
-    grads = step()
-    peak_kb = _status_kb("VmHWM")
-    del grads
-    return (peak_kb - before_kb) / 1024 - _grad_bytes(xs, ws, bs) / 2**20
+    return memory.peak_extra_mb(step) - _grad_bytes(xs, ws, bs) / 2**20
 
 
 def _peak_mb(provider: str, shape_key: str, device: torch.device, dtype: torch.dtype) -> float:
@@ -128,22 +115,8 @@ def _peak_mb(provider: str, shape_key: str, device: torch.device, dtype: torch.d
         xs, ws, bs, ts = _inputs(SHAPES[shape_key], device, dtype)
         step = _step(provider, xs, ws, bs, ts)
         step()  # warm-up
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        grads = step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del grads
-        return peak / 2**20 - _grad_bytes(xs, ws, bs) / 2**20
-    # Every allocation over 64 KB its own mapping, unmapped when freed: the resident set then
-    # follows live memory (glibc would otherwise keep freed blocks and reuse them unseen).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               MALLOC_TOP_PAD_="0")
-    result = subprocess.run(
-        [sys.executable, "-m", "eofd_kernels.bench.projection", provider, shape_key],
-        capture_output=True, text=True, check=True, timeout=1800, env=env)
-    return float(result.stdout.strip().splitlines()[-1])
+        return memory.cuda_peak_extra_mb(step, device) - _grad_bytes(xs, ws, bs) / 2**20
+    return float(memory.in_fresh_process("eofd_kernels.bench.projection", provider, shape_key))
 
 
 def run_fused_projection(shape_keys, device: torch.device, reps: int,

@@ -21,6 +21,7 @@ import torch
 
 from ..progress import progress
 from ..timing import time_ms_interleaved
+from . import memory
 from .providers import MODES, make_inputs, make_step, providers
 from .shapes import Preset, Shape
 
@@ -67,14 +68,7 @@ def _copy_step(shape: Shape, dtype: torch.dtype, device):
 
 def _peak_extra_mb(step, device) -> float | None:
     """Memory the step allocates beyond its inputs, at its peak (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return memory.cuda_peak_extra_mb(step, device) if device.type == "cuda" else None
 
 
 def _error(err: Exception) -> str:
