@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import eofd_kernels as ek
 
@@ -29,12 +28,9 @@ backend_device = pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES,
 entry_param = pytest.mark.parametrize("entry", ENTRIES)
 
 
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("store") / "file"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+@pytest.fixture
+def group(one_rank_group):
+    return one_rank_group
 
 
 def _losses_and_grads(entry, backend, students, teachers, masks, group, *, power=0.5, eps=0.0,

@@ -9,9 +9,10 @@ float64 throughout: 1e-10 relative, summation-order rounding only (test_backends
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-import torch.distributed as dist
 
 import eofd_kernels as ek
 from eofd_kernels.reference import calculate_weight
@@ -54,13 +55,13 @@ def test_module_over_steps(backend, device, case):
         _check(losses, grads, want_losses, want_ds)
 
 
-@pytest.fixture(scope="module")
-def one_rank_group(tmp_path_factory):
-    """A gloo group of this process alone."""
-    store = tmp_path_factory.mktemp("store") / "file"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+def _refused_by_reference(backend, call, match) -> bool:
+    """The reference refuses what the paper's code does not have, with a clear error."""
+    if backend != "reference":
+        return False
+    with pytest.raises(ValueError, match=match):
+        call()
+    return True
 
 
 def _given_weights_oracle(students, teachers, masks, weights):
@@ -89,38 +90,32 @@ def _whole_weights(teachers, masks):
 
 @backend_device
 @case_param
-def test_process_group_of_one_rank(backend, device, case, one_rank_group):
+@pytest.mark.parametrize("entry", ["process_group", "weights"])
+def test_merged_statistics(backend, device, case, entry, one_rank_group):
+    """``process_group=`` of one rank: the plain oracle. Given ``weights=`` (the paper's own
+    weights of each layer, as constants): the oracle with the weights held fixed, and the
+    plain oracle's losses and dS (the same weights, only dT differs)."""
     students, teachers, masks = build(case, torch.float64, device)
     ss, ts = _leaves(students, teachers)
-    if backend == "reference":
-        with pytest.raises(ValueError, match="backend='reference'.*no per-dim moments"):
-            ek.eofd_loss(ss, ts, mask=masks, backend=backend, process_group=one_rank_group)
+    if entry == "process_group":
+        kwargs = dict(process_group=one_rank_group)
+        refusal = "backend='reference'.*no per-dim moments"
+    else:
+        kwargs = dict(weights=[w.to(device) for w in _whole_weights(teachers, masks)])
+        refusal = "backend='reference'.*no per-dim moments"
+    call = functools.partial(ek.eofd_loss, ss, ts, mask=masks, reduction="none",
+                             backend=backend, **kwargs)
+    if _refused_by_reference(backend, call, refusal):
         return
-    losses = ek.eofd_loss(ss, ts, mask=masks, reduction="none", backend=backend,
-                          process_group=one_rank_group)
+    losses = call()
     grads = torch.autograd.grad(losses.sum(), ss + ts)
-    want_losses, want_ds, want_dt = oracle(students, teachers, masks)
-    _check(losses, grads, want_losses, want_ds + want_dt)
-
-
-@backend_device
-@case_param
-def test_given_weights(backend, device, case):
-    students, teachers, masks = build(case, torch.float64, device)
-    weights = [w.to(device) for w in _whole_weights(teachers, masks)]
-    ss, ts = _leaves(students, teachers)
-    if backend == "reference":
-        with pytest.raises(ValueError, match="backend='reference'"):
-            ek.eofd_loss(ss, ts, mask=masks, backend=backend, weights=weights)
-        return
-    losses = ek.eofd_loss(ss, ts, mask=masks, reduction="none", backend=backend,
-                          weights=weights)
-    grads = torch.autograd.grad(losses.sum(), ss + ts)
-    want_losses, want_grads = _given_weights_oracle(students, teachers, masks, weights)
-    _check(losses, grads, want_losses, want_grads)
-    # The same weights the call would compute itself: the plain loss, the same dS.
-    plain = oracle(students, teachers, masks)
-    _check(losses, grads[:len(ss)], plain[0], plain[1])
+    plain_losses, plain_ds, plain_dt = oracle(students, teachers, masks)
+    if entry == "process_group":
+        _check(losses, grads, plain_losses, plain_ds + plain_dt)
+    else:
+        _check(losses, grads, *_given_weights_oracle(students, teachers, masks,
+                                                     kwargs["weights"]))
+        _check(losses, grads[:len(ss)], plain_losses, plain_ds)
 
 
 @backend_device
@@ -130,12 +125,11 @@ def test_projected_loss_with_identity_projection(backend, device, case):
     ss, ts = _leaves(students, teachers)
     eyes = [torch.eye(t.shape[-1], dtype=torch.float64, device=device).requires_grad_()
             for t in teachers]
-    if backend == "reference":
-        with pytest.raises(ValueError, match="backend='reference'.*fused projection"):
-            ek.eofd_projected_loss(ss, eyes, None, ts, mask=masks, backend=backend)
+    call = functools.partial(ek.eofd_projected_loss, ss, eyes, None, ts, mask=masks,
+                             reduction="none", backend=backend, chunk_rows=7)
+    if _refused_by_reference(backend, call, "backend='reference'.*fused projection"):
         return
-    losses = ek.eofd_projected_loss(ss, eyes, None, ts, mask=masks, reduction="none",
-                                    backend=backend, chunk_rows=7)
+    losses = call()
     grads = torch.autograd.grad(losses.sum(), ss + ts + eyes)
     want_losses, want_ds, want_dt = oracle(students, teachers, masks)
     # dW of an identity projection: sum over valid rows of dS_r x_r^T.
