@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .bench import cli as bench_cli
+from .distill import cache_job
 
 __all__ = ["main"]
 
@@ -45,6 +46,8 @@ def _add_distill(commands) -> None:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes to train with (DDP through torchrun; gloo on CPU); the "
                         "global batch stays --batch-size")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="train from this teacher cache (eofd-kernels cache) instead of the text")
 
 
 def _add_outliers(commands) -> None:
@@ -91,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
     _add_distill(commands)
     _add_outliers(commands)
+    cache_job.add_cache_parser(commands)
     bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "bench":
         return bench_cli.run(args)
+    if args.command == "cache":
+        return cache_job.run_cache_command(args, list(argv if argv is not None else sys.argv[1:]))
     if args.command == "distill":
         from .distill.run import DistillConfig, run_distill
 

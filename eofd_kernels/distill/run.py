@@ -31,6 +31,7 @@ from .models import load_teacher, make_student
 from .objective import DistillationLoss
 from .outliers_job import plot_report
 from .projection import HiddenProjection, attach_projection
+from .teacher_cache import TeacherCache
 
 __all__ = ["DistillConfig", "run_distill"]
 
@@ -50,6 +51,7 @@ class DistillConfig:
     top_dims: int = 8
     device: str | None = None
     out: Path | None = None  # plots of the teacher's and each student's sigma_d / sbar
+    teacher_cache: Path | None = None  # train from it (eofd-kernels cache) instead of the text
 
 
 @dataclass
@@ -109,11 +111,16 @@ def _train(cfg, teacher, tokenizer, students, sentences, device):
     def collate(texts):
         return _tokenize(tokenizer, texts, cfg, "cpu")
 
+    # From a cache the teacher does not run in training: the batches bring its states.
+    source = {"train_dataset": sentences, "data_collator": collate, "teacher": teacher}
+    if cfg.teacher_cache is not None:
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check_teacher(teacher)
+        source = {"train_dataset": cache, "teacher": None}
     with tempfile.TemporaryDirectory() as out_dir:
         for st in students:
             trainer = EOFDTrainer(model=st.model, args=_training_args(cfg, device, out_dir),
-                                  train_dataset=sentences, data_collator=collate,
-                                  teacher=teacher, objective=st.objective)
+                                  objective=st.objective, **source)
             trainer.train()
             st.model = trainer.accelerator.unwrap_model(trainer.model,
                                                         keep_fp32_wrapper=False).eval()
@@ -270,6 +277,9 @@ def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
     print_fn(f"text: {len(train)} training / {len(held_out)} held-out sentences from Python's "
              f"pydoc topics; {cfg.steps} steps of {cfg.batch_size}; device {device}; "
              f"loss backend {cfg.backend!r}")
+    if cfg.teacher_cache is not None:
+        print_fn(f"training from the teacher cache {cfg.teacher_cache} (the teacher runs for "
+                 f"the held-out evaluation only)")
     _train(cfg, model, teacher.tokenizer, students, train, device)
     results = _evaluate(cfg, model, teacher.tokenizer, students, held_out, device)
     print_fn(f"\nheld-out comparison ({len(held_out)} sentences; lower FVU is better, "

@@ -724,6 +724,15 @@ class TeacherCache(torch.utils.data.Dataset):
         return torch.tensor(self.index["int8_max_abs_error"][side][str(layer)],
                             dtype=torch.float64)
 
+    def check_teacher(self, teacher: torch.nn.Module) -> None:
+        """Raise a :class:`CacheError` unless the cache was recorded from a model with
+        ``teacher``'s config (its hash; the model class and head may differ)."""
+        recorded, here = self.index["config_sha256"], _config_hash(teacher)
+        if recorded != here:
+            raise CacheError(f"{self.path / INDEX_NAME}: recorded from "
+                             f"{self.index['teacher']!r} (config sha256 {str(recorded)[:12]}), "
+                             f"not from this teacher (config sha256 {str(here)[:12]})")
+
     def check(self, objective) -> None:
         """Raise a :class:`CacheError` unless ``objective`` (a :class:`DistillationLoss`) can
         train from this cache: its teacher layers recorded, its projections' output widths the
