@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import layout
+from . import layout, split_batches
 from .backends.base import Backend
 from .inputs import LayerBatch
 from .moments import finalize
@@ -104,15 +104,11 @@ class MergedStatistics:
     grad_ahead = None
 
     def __init__(self, process_group=None):
-        from . import split_batches
-
         self.process_group = process_group
         self.world = 1 if process_group is None else split_batches.world_size(process_group)
 
     def moments(self, backend: Backend, batch: LayerBatch) -> Tensor:
         """The backend's moments of this call, merged over the process group when given."""
-        from . import split_batches
-
         moments = backend.moments(batch)
         if self.process_group is not None:
             moments = split_batches.merged_moments(moments, self.process_group)

@@ -25,6 +25,7 @@ from .inputs import (
 )
 from .layer_losses import GradAhead, MergedStatistics, layer_losses
 from .moments import finalize
+from .split_batches import agree
 
 __all__ = ["EOFDLoss", "eofd_loss", "teacher_weights"]
 
@@ -62,8 +63,6 @@ def _checked_call(student, teacher, mask, power, eps, backend, process_group, we
             raise
         error = caught
     if process_group is not None:
-        from .split_batches import agree
-
         agree(process_group, error, contract)
     return batch, power, eps, backend, weights
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import formula
 from ..inputs import LayerBatch
 from ..moments import dim_stats_to_moments
 
@@ -58,8 +59,6 @@ class Backend:
     def differentiable_losses(self, batch: LayerBatch, power: float, eps: float,
                               weights: list[Tensor] | None = None) -> Tensor:
         """Per-layer losses as differentiable torch ops (the torch formula by default)."""
-        from .. import formula
-
         return formula.layer_losses(batch, power, eps, weights)
 
     def offers_forward_and_grad(self, batch: LayerBatch) -> bool:
