@@ -212,8 +212,9 @@ def test_construction_and_helpers_check_their_arguments():
         ek.teacher_weights(torch.randn(5))
     with pytest.raises(TypeError, match="device: expected None, a str or a torch.device"):
         ek.available_backends(3)
-    with pytest.raises(ValueError, match="nbytes: expected an int >= 0"):
-        ek.set_cpu_cache_limit(-1)
+    for nbytes in (-1, 2 ** 63):  # 2 ** 63 does not fit the op's int64
+        with pytest.raises(ValueError, match=r"nbytes: expected an int in \[0, 2\*\*63\)"):
+            ek.set_cpu_cache_limit(nbytes)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
