@@ -146,16 +146,32 @@ def test_functorch_transforms_use_the_torch_backend():
             torch.func.grad(lambda x, b=backend: ek.eofd_loss(x, t, backend=b))(s)
 
 
-@needs_ext
-def test_fake_tensors_trace_forward_and_backward():
-    """Shapes only (FakeTensorMode): the module's CPU training path is skipped for fake
-    tensors, so forward and backward trace without reading values."""
-    with FakeTensorMode():
-        s = torch.randn(2, 4, 6, requires_grad=True)
-        t = torch.randn(2, 4, 6)
-        loss = ek.EOFDLoss(backend="ext")(s, t)
-        (grad,) = torch.autograd.grad(loss, s)
-    assert loss.shape == () and grad.shape == (2, 4, 6)
+@backend_device
+def test_fake_tensor_trace_runs_like_eager(backend, device):
+    """Traced with fake tensors (make_fx, tracing_mode="fake": no value is read, the module's
+    CPU training path is skipped), forward and backward give a graph that, run on real
+    tensors, returns the eager loss and dS to the bit; and fake outputs carry the real
+    shapes, dtypes and devices."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module = ek.EOFDLoss(backend=backend)
+
+    def step(s, t, m):
+        s = s.detach().requires_grad_()
+        loss = module(s, t, m)
+        return loss, torch.autograd.grad(loss, s)[0]
+
+    g = torch.Generator().manual_seed(5)
+    s, t = (torch.randn(2, 4, 6, generator=g).to(device) for _ in range(2))
+    m = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool, device=device)
+    graph = make_fx(step, tracing_mode="fake")(s, t, m)
+    with FakeTensorMode() as fake:
+        fake_loss, fake_grad = step(fake.from_tensor(s), fake.from_tensor(t), fake.from_tensor(m))
+    loss, grad = step(s, t, m)
+    traced_loss, traced_grad = graph(s, t, m)
+    assert torch.equal(traced_loss, loss) and torch.equal(traced_grad, grad)
+    for a, b in ((fake_loss, loss), (fake_grad, grad)):
+        assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
 
 
 @pytest.mark.parametrize("backend", ["ext", "triton"])
