@@ -8,10 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from eofd_kernels import layout
-from eofd_kernels.backends.device_tables import DeviceTables
 
 ROOT = Path(__file__).parents[1]
 
@@ -63,22 +61,3 @@ def test_chunk_policy(tmp_path):
                    check=True, capture_output=True, timeout=120)
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout
-
-
-def test_device_tables_memoize_and_keep_what_a_capture_used():
-    """A hit returns the same table (no copy); the oldest of `capacity` recent tables goes;
-    a table made or used during capture is never evicted (a graph replay reads it)."""
-    capturing = [False]
-    tables = DeviceTables(capacity=2, capturing=lambda device: capturing[0])
-    cpu = torch.device("cpu")
-    first = tables.get((1, 2, 3), cpu)
-    assert torch.equal(first, torch.tensor([1, 2, 3])) and tables.get((1, 2, 3), cpu) is first
-    capturing[0] = True
-    assert tables.get((1, 2, 3), cpu) is first  # used by a capture: now kept
-    captured = tables.get((7, 8), cpu)
-    capturing[0] = False
-    for i in range(5):
-        tables.get((i, i), cpu)
-    assert len(tables) == 4  # 2 recent + 2 kept
-    assert tables.get((1, 2, 3), cpu) is first and tables.get((7, 8), cpu) is captured
-    assert tables.get((0, 0), cpu) is not None and len(tables) == 4

@@ -1,71 +1,93 @@
-"""The Triton launcher's call tables on the GPU, safe under CUDA-graph capture.
+"""The Triton launcher's call tables on the GPU: stream-ordered, safe under CUDA-graph capture.
 
-A call's table (pointers, sizes, strides of its layers, and p and eps) is a small int64
-vector that the kernels read from device memory. A plain ``tensor.to("cuda")`` is a pageable
-host-to-device copy, which CUDA-graph capture forbids, and a pinned staging buffer that goes
-back to the allocator after the call would be read freed by a later replay. So tables are
-memoized by their content (the content is all they hold: a hit is always the right table):
+A call's tables (pointers, sizes and strides of its layers; where its gradients go) are small
+int64 vectors that the kernels read from device memory. How they get there:
 
-* outside capture, a miss copies the table and keeps it among the ``capacity`` most recent;
-* during capture, a miss stages the table in pinned memory and the copy is captured from it;
-  that entry, and any entry a capture used, is kept for the life of the process, since a
-  replay reads it.
+* **No blocking copy.** A table is written into pinned host memory and copied with
+  ``non_blocking=True`` on the current stream, so the copy is ordered before the kernels that
+  read it and the host never waits. (The pinned block goes back to torch's host allocator,
+  which reuses it only once the copy has completed.)
+* **Memoized by content and stream.** Outside capture a table is kept among the ``capacity``
+  most recent, keyed by ``(device, stream, values)``: the content is all a table holds, so a
+  hit is always the right table, and a layer table serves both the forward and the backward of
+  a step (the backward's fresh output pointers are in a table of their own).
+* **Never freed while a kernel may read it.** A memoized table is used only on the stream it
+  was allocated and written on. When it is evicted, torch's caching allocator hands its block
+  only to later allocations on that same stream, whose work runs after every kernel that read
+  the table: no event or ``record_stream`` is needed.
+* **Capture-safe.** During capture the copy is recorded, not run: the table's contents exist
+  only once the graph replays. So a table made during capture is handed to no one else (not
+  even a later call of the same capture), and it and its pinned staging buffer are kept for
+  the life of the process, since every replay reads them. A capture never uses a memoized
+  eager table either, so evicting one never breaks a graph.
+* **Thread-safe.** One lock guards the memo.
 
 A memo, not state: it never changes a result, only whether a copy is needed.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Hashable
 
 import torch
 
-__all__ = ["DeviceTables", "TABLES"]
+__all__ = ["CudaStreams", "DeviceTables", "TABLES"]
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+class CudaStreams:
+    """What the tables need from the CUDA runtime (a simulated one stands in for it in
+    tests/test_device_tables.py)."""
+
+    @staticmethod
+    def stream(device: torch.device) -> Hashable:
+        return torch.cuda.current_stream(device).cuda_stream
+
+    @staticmethod
+    def capturing(device: torch.device) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    @staticmethod
+    def upload(values: tuple[int, ...], device: torch.device):
+        """``(table, staging)``: the device table, written by a copy enqueued on the current
+        stream from the pinned ``staging`` buffer."""
+        staging = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+        table = torch.empty(len(values), dtype=torch.int64, device=device)
+        table.copy_(staging, non_blocking=True)
+        return table, staging
 
 
 class DeviceTables:
-    """Device copies of int64 tables, memoized by ``(device, values)``."""
+    """Device copies of int64 tables (see the module docstring)."""
 
-    def __init__(self, capacity: int = 256,
-                 capturing: Callable[[torch.device], bool] = _capturing):
+    def __init__(self, capacity: int = 256, streams=CudaStreams):
         self.capacity = capacity
-        self._capturing = capturing
+        self._streams = streams
+        self._lock = threading.Lock()
         self._recent: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (staging, table)
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table, staging)
 
     def get(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (device, values)
-        kept = self._kept.get(key)
-        if kept is not None:
-            return kept[1]
-        capturing = self._capturing(device)
-        table = self._recent.get(key)
-        if table is not None:
-            if capturing:  # a replay will read it: never evict it
-                self._kept[key] = (table, self._recent.pop(key))
-            else:
+        with self._lock:
+            if self._streams.capturing(device):
+                captured = self._streams.upload(values, device)
+                self._captured.append(captured)
+                return captured[0]
+            key = (device, self._streams.stream(device), values)
+            table = self._recent.get(key)
+            if table is not None:
                 self._recent.move_to_end(key)
+                return table
+            table, _ = self._streams.upload(values, device)
+            self._recent[key] = table
+            while len(self._recent) > self.capacity:
+                self._recent.popitem(last=False)
             return table
-        host = torch.tensor(values, dtype=torch.int64)
-        if capturing:
-            staging = host.pin_memory() if device.type == "cuda" else host
-            table = torch.empty(staging.shape, dtype=torch.int64, device=device)
-            table.copy_(staging, non_blocking=True)
-            self._kept[key] = (staging, table)
-            return table
-        table = host.to(device)
-        self._recent[key] = table
-        while len(self._recent) > self.capacity:
-            self._recent.popitem(last=False)
-        return table
 
     def __len__(self) -> int:
-        return len(self._recent) + len(self._kept)
+        with self._lock:
+            return len(self._recent) + len(self._captured)
 
 
 TABLES = DeviceTables()
