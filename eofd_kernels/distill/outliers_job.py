@@ -15,7 +15,7 @@ import torch
 from ..outliers import CRITERIA, OutlierReport, OutlierScan
 from ..progress import progress
 from .corpus import stdlib_sentences
-from .models import load_teacher
+from .models import Teacher, load_teacher
 
 __all__ = ["OutliersConfig", "plot_report", "run_outliers"]
 
@@ -33,7 +33,7 @@ class OutliersConfig:
     top: int = 5
     backend: str = "auto"
     out: Path | None = None
-    device: str | None = None
+    device: str | torch.device | None = None
 
 
 def _sentences(text: str) -> list[str]:
@@ -118,11 +118,14 @@ def plot_report(report: OutlierReport, out: Path, title: str, top: int = 8) -> l
     return [heatmap, bars]
 
 
-def run_outliers(cfg: OutliersConfig, print_fn=print) -> OutlierReport:
+def run_outliers(cfg: OutliersConfig, print_fn=print,
+                 teacher: Teacher | None = None) -> OutlierReport:
+    """Scan, print the report, write it under ``cfg.out``; ``teacher``: one already loaded
+    (the CLI loads it to check the flags against it), else ``cfg.teacher`` is loaded."""
     if cfg.criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {sorted(CRITERIA)}, got {cfg.criterion!r}")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = load_teacher(cfg.teacher)
+    teacher = teacher if teacher is not None else load_teacher(cfg.teacher)
     model = teacher.model.to(device)
     sentences = _sentences(cfg.text)
     print_fn(f"teacher: {teacher.description}; text: {cfg.text} "

@@ -27,7 +27,7 @@ from ..outliers import OutlierScan
 from ..timing import median, time_ms
 from .corpus import stdlib_sentences
 from .layer_map import uniform_layer_map
-from .models import load_teacher, make_student
+from .models import Teacher, load_teacher, make_student
 from .objective import DistillationLoss
 from .outliers_job import plot_report
 from .projection import HiddenProjection, attach_projection
@@ -49,7 +49,7 @@ class DistillConfig:
     lr: float = 5e-4
     seed: int = 0
     top_dims: int = 8
-    device: str | None = None
+    device: str | torch.device | None = None
     out: Path | None = None  # plots of the teacher's and each student's sigma_d / sbar
     teacher_cache: Path | None = None  # train from it (eofd-kernels cache) instead of the text
 
@@ -256,16 +256,17 @@ def _quiet(*_args, **_kwargs) -> None:
     """Other ranks' print: nothing (rank 0 speaks for the run)."""
 
 
-def run_distill(cfg: DistillConfig, print_fn=print) -> dict:
+def run_distill(cfg: DistillConfig, print_fn=print, teacher: Teacher | None = None) -> dict:
     """Train the EOFD and the MSE student, print and return the held-out comparison.
 
-    Under torchrun every process trains its share of each batch (DDP, with the EOFD weights
-    of the whole batch) and the first one prints."""
+    ``teacher``: one already loaded (the CLI loads it to check the flags against it), else
+    ``cfg.teacher`` is loaded. Under torchrun every process trains its share of each batch
+    (DDP, with the EOFD weights of the whole batch) and the first one prints."""
     if int(os.environ.get("RANK", "0")) != 0:
         print_fn, cfg = _quiet, dataclasses.replace(cfg, out=None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    teacher = load_teacher(cfg.teacher)
+    teacher = teacher if teacher is not None else load_teacher(cfg.teacher)
     model = teacher.model.to(device)
     train, held_out = stdlib_sentences()
     students = _students(cfg, model)
