@@ -162,6 +162,8 @@ def _run_step(args, device: torch.device, out: Path) -> int:
                                         warmup=args.warmup, reps=reps,
                                         measure_memory=not args.no_memory)
     meta = environment(device, "step")
+    # The machine's load over the run: a shared CPU's neighbours show in every part.
+    meta["load_average"] = os.getloadavg()
     paths = step_report.write(records, meta, out)
     print(step_report.markdown(records, meta))
     print("wrote " + ", ".join(str(p) for p in paths)

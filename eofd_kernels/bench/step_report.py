@@ -26,7 +26,10 @@ def _ratio(value: float | None) -> str:
 def markdown(records: list[dict], meta: dict) -> str:
     lines = [f"# Whole distillation training steps: {meta['device']}", "",
              f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}. Command: "
-             f"`{meta['command']}`", "",
+             f"`{meta['command']}`"
+             + (", load average (1, 5, 15 min) at the end: "
+                + ", ".join(f"{x:.1f}" for x in meta["load_average"])
+                if "load_average" in meta else ""), "",
              "One step: teacher forward (no grad), student forward, the loss (projections, "
              "EOFD per mapped layer, L_pred where the setting has logits), backward + AdamW. "
              "Random weights from configs. Median ms of the timed steps (p20-p80), the ways' "
