@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from pathlib import Path
 
 import torch
 
+from ..cli_args import device_arg, int_in, out_dir_arg, positive_int
 from .projection import SHAPES as PROJECTION_SHAPES
 from .providers import MODES, providers
 from .shapes import MODELS, PRESETS, Preset
@@ -17,52 +17,11 @@ from .step import SETTINGS as STEP_SETTINGS
 from .step import WAYS as STEP_WAYS
 from .sweep import device_name, environment, run_sweep
 
-__all__ = ["add_parser", "device_arg", "out_dir_arg", "positive_int", "run"]
+__all__ = ["add_parser", "run"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 training needs a gradient scaler, which the step does not model.
 STEP_DTYPES = ("fp32", "bf16")
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = _int_at_least(1)
-
-
-def device_arg(text: str) -> torch.device:
-    """An argparse type: ``cpu``, or ``cuda[:N]`` for a CUDA device present here."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA devices")
-    return device
-
-
-def out_dir_arg(text: str) -> Path:
-    """An argparse type: a folder that exists or can be made, and can be written."""
-    path = Path(text)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(existing)!r}")
-    return path
 
 
 def add_parser(commands) -> None:
@@ -105,7 +64,7 @@ def add_parser(commands) -> None:
                       help="batch size (default: each setting's)")
     step.add_argument("--seq", type=positive_int, default=None,
                       help="tokens per sequence (default: each setting's)")
-    step.add_argument("--warmup", type=_int_at_least(0), default=1,
+    step.add_argument("--warmup", type=int_in(0), default=1,
                       help="untimed steps per way before the timed ones (default 1)")
     step.add_argument("--no-memory", action="store_true",
                       help="skip the peak memory step (on a CPU: a fresh process per setting)")
