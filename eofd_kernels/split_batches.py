@@ -32,6 +32,9 @@ def _dist():
 def world_size(group) -> int:
     """The group's size, after checking that this rank belongs to it."""
     dist = _dist()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed ProcessGroup, got "
+                        f"{type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not "
                          "a member of the group it passed")
