@@ -32,12 +32,14 @@ def _dist():
 def world_size(group) -> int:
     """The group's size, after checking that this rank belongs to it."""
     dist = _dist()
+    # new_group hands a rank outside the group a sentinel instead of a group.
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (
+            isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0):
+        raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not "
+                         "a member of the group it passed")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group: expected a torch.distributed ProcessGroup, got "
                         f"{type(group).__name__}")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not "
-                         "a member of the group it passed")
     return dist.get_world_size(group)
 
 
