@@ -54,15 +54,16 @@ def _checked_call(student, teacher, mask, power, eps, backend, process_group, we
         if weights is not None:
             weights = check_weights(weights, dims, device)
         backend = get_backend(backend, device)
-        contract = {"power": power, "eps": eps, "layer widths": dims,
-                    "student dtypes": [str(s.dtype) for s in batch.students],
-                    "teacher dtypes": [str(t.dtype) for t in batch.teachers],
-                    "weights given": weights is not None, "backend": backend.name}
     except (ValueError, TypeError, RuntimeError) as caught:
         if process_group is None:
             raise
         error = caught
-    if process_group is not None:
+    if process_group is not None:  # the contract is built only where ranks compare it
+        if error is None:
+            contract = {"power": power, "eps": eps, "layer widths": dims,
+                        "student dtypes": [str(s.dtype) for s in batch.students],
+                        "teacher dtypes": [str(t.dtype) for t in batch.teachers],
+                        "weights given": weights is not None, "backend": backend.name}
         agree(process_group, error, contract)
     return batch, power, eps, backend, weights
 
