@@ -102,6 +102,14 @@ def test_the_llama_like_plan_has_full_length_chunks(compiled):
         assert num_chunks * tiles_per_chunk * block_n >= 8 * 2048
 
 
+def _json_lines(code: str, timeout: int) -> list:
+    """The JSON lines ``code`` prints, run in a subprocess without the interpreter."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=_compiler_env(), timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
 def _specialization(launch):
     """The AOT binder's attrs, in a subprocess without the interpreter."""
     code = (
@@ -114,10 +122,7 @@ def _specialization(launch):
         "src = A.specialize(stats, 90)[0]\n"
         "names = stats.kernel.arg_names\n"
         "print(json.dumps({names[k[0]]: v for k, v in src.attrs.items()}))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=_compiler_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return _json_lines(code, timeout=300)[-1]
 
 
 def test_ahead_of_time_specialisation_is_the_jits():
@@ -180,10 +185,7 @@ def _static_model_rows():
         "        m = sm.analyse(k.cubin, k.symbol, threads=k.threads)\n"
         "        print(json.dumps([k.label, m.bytes_in_flight_per_sm, m.local_bytes,\n"
         "                          m.barriers_per_iteration, sm.table_row(k.label, m)]))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=_compiler_env(), timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return _json_lines(code, timeout=900)
 
 
 def test_hot_kernels_keep_32_kb_in_flight_per_sm():
