@@ -133,6 +133,8 @@ def test_step_ways_compute_one_objective():
     assert list(loss0) == list(step_bench.WAYS)
     for way in ("paper compiled", "eofd_kernels"):
         assert loss0[way] == pytest.approx(loss0["paper"], rel=1e-5)
+    # An fp32 cache holds the teacher's states and logits exactly: the same loss, bitwise.
+    assert loss0["eofd_kernels cached"] == loss0["eofd_kernels"]
     assert loss0["mse"] != pytest.approx(loss0["paper"], rel=1e-3)
     p0 = step_bench.run_setting(TINY_BERT, CPU, torch.float32, ways=("paper", "mse"),
                                 power=0.0, warmup=0, reps=1, measure_memory=False,
@@ -147,6 +149,24 @@ def test_step_ways_compute_one_objective():
     paper = records[0]
     assert paper["vs_paper"] == 1.0
     assert records[-1]["vs_paper"] == pytest.approx(paper["step_ms"] / records[-1]["step_ms"])
+
+
+@pytest.mark.parametrize("setting", [TINY_BERT, TINY_GPT2], ids=lambda s: s.key)
+def test_cached_way_reads_what_the_teacher_gives(setting):
+    """The cached way's teacher part gives the live teacher's mapped states and logits, and
+    holds nothing else (the other layers are None)."""
+    bench = step_bench.StepBench(setting, CPU, torch.float32)
+    cached = bench.ways(["eofd_kernels cached"], 0.5)[0].teacher(bench.batch)
+    with torch.no_grad():
+        live = bench.teacher(**bench.batch, output_hidden_states=True)
+    mapped = {t for _, t in setting.layer_map}
+    for t, state in enumerate(cached.hidden_states):
+        if t in mapped:
+            assert torch.equal(state, live.hidden_states[t]), t
+        else:
+            assert state is None, t
+    if setting.use_logits:
+        assert torch.equal(cached.logits, live.logits)
 
 
 def test_step_parts_cover_the_step():

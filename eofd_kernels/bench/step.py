@@ -9,6 +9,10 @@ differ in the loss only:
     mse              plain F.mse_loss per layer on projected states
     paper compiled   torch.compile of the paper's whole loss (projections, layers, L_pred)
     eofd_kernels     DistillationLoss: the projections fused into the loss, the best backend
+    eofd_kernels cached
+                     the same loss, the teacher's outputs read from a teacher cache
+                     (:mod:`eofd_kernels.distill.teacher_cache`) recorded once before the
+                     timed steps: its teacher part is reading and padding the batch's items
 
 Method. Models from configs with random weights (offline). One student with its projections
 and one optimiser serve every way: a step's cost does not depend on the weights' values, and
@@ -23,7 +27,11 @@ it: ``max_memory_allocated`` on a GPU; on a CPU the resident set, in a fresh pro
 setting (:mod:`eofd_kernels.bench.memory`).
 
 A way is a name, its loss, and where the teacher's outputs come from (:attr:`Way.teacher`, the
-teacher's forward by default): a teacher cache is a way whose teacher part reads the cache.
+teacher's forward by default): a teacher cache is a way whose teacher part reads the cache. The
+cache holds the mapped layers and, where the setting has logits, the full logits, in the
+step's dtype: the same objective, so its step-0 loss is eofd_kernels' one. It is recorded into
+a temporary folder just before the steps, so its shards are in the page cache (a cache that
+fits in memory, read warm); on a GPU each step copies the batch from host memory.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import itertools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +51,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..distill import DistillationLoss, HiddenProjection, attach_projection, uniform_layer_map
-from ..distill.objective import soft_cross_entropy
+from ..distill import (
+    DistillationLoss,
+    HiddenProjection,
+    attach_projection,
+    record_teacher,
+    uniform_layer_map,
+)
+from ..distill.prediction_loss import soft_cross_entropy_eager
 from ..reference import eofd_loss_reference
 from . import memory
 
@@ -51,7 +66,7 @@ __all__ = ["PARTS", "SETTINGS", "WAYS", "Setting", "StepBench", "Way", "max_seq"
            "run_setting"]
 
 PARTS = ("teacher", "student", "loss", "backward+optimizer")
-WAYS = ("paper", "mse", "paper compiled", "eofd_kernels")
+WAYS = ("paper", "mse", "paper compiled", "eofd_kernels", "eofd_kernels cached")
 PAPER = WAYS[0]
 
 
@@ -210,12 +225,13 @@ class StepBench:
 
     def _way(self, name: str, power: float) -> Way:
         s = self.setting
-        if name == "eofd_kernels":
+        if name in ("eofd_kernels", "eofd_kernels cached"):
             objective = DistillationLoss(s.layer_map, self.projection, power=power,
                                          hidden_weight=s.hidden_weight,
                                          use_logits=s.use_logits)
             return Way(name, lambda student_out, teacher_out:
-                       objective(student_out, teacher_out).loss)
+                       objective(student_out, teacher_out).loss,
+                       self._cached_teacher() if name == "eofd_kernels cached" else None)
         if name in ("paper", "paper compiled"):
             objective = self._per_layer(functools.partial(eofd_loss_reference, power=power))
             if name == "paper compiled":
@@ -232,6 +248,23 @@ class StepBench:
                              getattr(teacher_out, "logits", None))
         return Way(name, loss)
 
+    def _cached_teacher(self) -> Callable:
+        """The teacher part of the cached way: the batch's outputs read from a cache of the
+        teacher on this batch, recorded now (once per bench) into a folder the bench owns."""
+        s = self.setting
+        self._cache_folder = tempfile.TemporaryDirectory(prefix="eofd-step-cache-")
+        with self._autocast():
+            cache = record_teacher(
+                self.teacher, [{k: v.cpu() for k, v in self.batch.items()}],
+                layers=[t for _, t in s.layer_map], out=self._cache_folder.name,
+                dtype="fp32" if self.dtype == torch.float32 else "bf16",
+                logits="full" if s.use_logits else None, print_fn=lambda *_: None)
+        examples = range(len(cache))
+
+        def read(_batch):
+            return cache.collate([cache[i] for i in examples])["teacher"].to(self.device)
+        return read
+
     def _per_layer(self, layer_loss: Callable) -> Callable:
         """The loss a user writes around a per-layer loss: project, sum the layers, add
         ``L_pred``, as DistillationLoss defines them."""
@@ -239,7 +272,7 @@ class StepBench:
 
         def objective(students, teachers, student_logits, teacher_logits):
             hidden = sum(layer_loss(h, t) for h, t in zip(projection(students), teachers))
-            pred = (soft_cross_entropy(student_logits, teacher_logits) if s.use_logits
+            pred = (soft_cross_entropy_eager(student_logits, teacher_logits) if s.use_logits
                     else 0.0)
             return pred + s.hidden_weight * hidden
         return objective

@@ -5,7 +5,8 @@
 """
 
 from .layer_map import LayerMap, explicit_layer_map, last_k_layer_map, uniform_layer_map
-from .objective import DistillationLoss, DistillationOutput, TopKLogits, soft_cross_entropy
+from .objective import DistillationLoss, DistillationOutput
+from .prediction_loss import TopKLogits, soft_cross_entropy
 from .projection import HiddenProjection, attach_projection
 from .teacher_cache import CachedTeacherOutput, CacheError, TeacherCache, record_teacher
 

@@ -17,9 +17,10 @@ from torch import nn
 from ..loss import EOFDLoss
 from ..projected_loss import eofd_projected_loss
 from .layer_map import LayerMap
+from .prediction_loss import soft_cross_entropy
 from .projection import HiddenProjection
 
-__all__ = ["DistillationLoss", "DistillationOutput", "TopKLogits", "soft_cross_entropy"]
+__all__ = ["DistillationLoss", "DistillationOutput"]
 
 
 class DistillationOutput(NamedTuple):
@@ -32,55 +33,6 @@ class DistillationOutput(NamedTuple):
     hidden: torch.Tensor
     layer_losses: torch.Tensor
     layer_names: list[str]
-
-
-class TopKLogits(NamedTuple):
-    """A teacher's ``k`` largest logits per row, as a teacher cache stores them for LM
-    vocabularies: values ``(..., k)`` and their class indices ``(..., k)`` (int64)."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        """The rows' shape ``(...)`` plus ``k``, so mask checks see the leading shape."""
-        return self.values.shape
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopKLogits,
-                       *, temperature: float = 1.0,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean_rows(-softmax(z_t / tau) . log_softmax(z_s / tau))`` over the last dim.
-
-    student_logits, teacher_logits: ``(..., C)``; or teacher_logits a :class:`TopKLogits`,
-    whose distribution is the softmax over its k values (zero elsewhere: the teacher's top-k
-    distribution renormalised), so only the student's log-probabilities at those k classes
-    count. mask: None or the leading shape ``(...)`` (bool or 0/1) selecting the rows that
-    count. Returns a float32 (float64) 0-dim tensor.
-    """
-    top_k = isinstance(teacher_logits, TopKLogits)
-    same_rows = (student_logits.shape[:-1] == teacher_logits.shape[:-1] if top_k
-                 else student_logits.shape == teacher_logits.shape)
-    if not same_rows:
-        what = "rows of the teacher's top-k shape" if top_k else "the teacher's shape"
-        raise ValueError(f"student_logits: expected {what} {tuple(teacher_logits.shape)}, "
-                         f"got {tuple(student_logits.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    log_p = torch.log_softmax(student_logits.to(acc) / temperature, dim=-1)
-    if top_k:
-        log_p = log_p.gather(-1, teacher_logits.indices)
-        teacher_logits = teacher_logits.values
-    q = torch.softmax(teacher_logits.to(acc) / temperature, dim=-1)
-    per_row = -(q * log_p).sum(-1)
-    if mask is None:
-        return per_row.mean()
-    if mask.shape != per_row.shape:
-        raise ValueError(f"mask: expected the logits' leading shape {tuple(per_row.shape)}, "
-                         f"got {tuple(mask.shape)}")
-    keep = mask.to(torch.bool)
-    return per_row[keep].mean()
 
 
 def _is_seq2seq(model_out) -> bool:

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from ..progress import progress
-from .objective import TopKLogits
+from .prediction_loss import TopKLogits
 
 __all__ = ["CacheError", "CachedTeacherOutput", "TeacherCache", "record_teacher"]
 

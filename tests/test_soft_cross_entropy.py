@@ -1,0 +1,166 @@
+"""L_pred's soft cross-entropy: the chunked path (gradient formed in the forward) against the
+plain formula in float64, its masks, NaNs, memory and autograd rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eofd_kernels.distill.prediction_loss as sce_module
+from eofd_kernels.distill import TopKLogits, soft_cross_entropy
+from eofd_kernels.distill.prediction_loss import soft_cross_entropy_eager
+
+# Student dtype -> (rtol, atol) of the loss and the gradient against float64. float32: the
+# log-softmax and the row sums over C <= 97 classes carry a few ulps (1.2e-7 each); bf16: the
+# gradient is rounded to bf16 (half an ulp: 2**-9 relative) once, as the plain formula's is;
+# the loss is float32 in both.
+TOLERANCES = {torch.float64: (1e-12, 1e-15), torch.float32: (2e-6, 1e-8),
+              torch.bfloat16: (2**-8, 1e-6)}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows: every case crosses chunk boundaries and ends on a partial chunk."""
+    monkeypatch.setattr(sce_module, "_rows_per_chunk", lambda rows: 3)
+
+
+def _logits(g, shape, scale=3.0):
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+def _rounded(x, dtype):
+    if isinstance(x, TopKLogits):
+        return TopKLogits(x.values.to(dtype).double(), x.indices)
+    return x.to(dtype).double()
+
+
+def _case(kind, g):
+    student, teacher = _logits(g, (2, 7, 97)), _logits(g, (2, 7, 97))
+    if kind == "top-k":
+        values, indices = teacher.topk(9, dim=-1)
+        teacher = TopKLogits(values, indices)
+    return student, teacher
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("kind", ["full", "top-k"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_matches_the_formula_in_float64(small_chunks, dtype, kind, masked, temperature):
+    g = torch.Generator().manual_seed(hash((kind, masked, temperature)) % 2**31)
+    # The inputs rounded to the dtype first: the reference sees what the chunked path reads.
+    student64, teacher64 = (_rounded(x, dtype) for x in _case(kind, g))
+    mask = (torch.rand(2, 7, generator=g) > 0.4) if masked else None
+    leaf64 = student64.clone().requires_grad_()
+    want = soft_cross_entropy_eager(leaf64, teacher64, temperature=temperature, mask=mask)
+    (want_grad,) = torch.autograd.grad(want, leaf64)
+
+    leaf = student64.to(dtype).requires_grad_()
+    teacher = (TopKLogits(teacher64.values.to(dtype), teacher64.indices) if kind == "top-k"
+               else teacher64.to(dtype))
+    got = soft_cross_entropy(leaf, teacher, temperature=temperature, mask=mask)
+    (got_grad,) = torch.autograd.grad(got, leaf)
+    rtol, atol = TOLERANCES[dtype]
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=rtol, atol=atol)
+    if masked:
+        assert torch.all(got_grad[~mask] == 0)
+
+
+def test_it_is_torch_cross_entropy_with_probability_targets():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.4
+    for tau in (1.0, 2.5):
+        want = F.cross_entropy(s[mask] / tau, torch.softmax(t[mask] / tau, -1))
+        got = soft_cross_entropy(s, t, temperature=tau, mask=mask)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("call", [soft_cross_entropy, soft_cross_entropy_eager])
+def test_bad_arguments_name_the_argument(call):
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    with pytest.raises(ValueError, match="temperature"):
+        call(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="mask"):
+        call(s, t, mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="student_logits"):
+        call(s[:, :4], t)
+
+
+@pytest.mark.parametrize("call", [soft_cross_entropy, soft_cross_entropy_eager])
+def test_nans_and_empty_masks(small_chunks, call):
+    """A NaN in a valid row makes the loss NaN; one in a masked row does not count; no valid
+    row is a NaN loss with a zero gradient (the plain formula's mean of nothing)."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3] = False
+    for poisoned, tensor in (("student", s), ("teacher", t)):
+        bad = tensor.clone()
+        bad[1, 3, 2] = math.nan
+        args = (bad, t) if poisoned == "student" else (s, bad)
+        leaf = args[0].clone().requires_grad_()
+        masked_loss = call(leaf, args[1], mask=mask)
+        (grad,) = torch.autograd.grad(masked_loss, leaf)
+        assert torch.isfinite(masked_loss) and torch.isfinite(grad).all(), poisoned
+        assert torch.isnan(call(*args)), poisoned
+    leaf = s.clone().requires_grad_()
+    empty = call(leaf, t, mask=torch.zeros(2, 5, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(empty, leaf)
+    assert torch.isnan(empty) and torch.all(grad == 0)
+
+
+def _saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_chunked_path_keeps_one_logits_sized_tensor_for_backward():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 16, 500, generator=g, dtype=torch.bfloat16).requires_grad_()
+    t = torch.randn(4, 16, 500, generator=g, dtype=torch.bfloat16)
+    logits_bytes = s.numel() * s.element_size()
+    assert _saved_bytes(lambda: soft_cross_entropy(s, t)) == logits_bytes
+    # The plain formula keeps float32 copies and both distributions (several times as much).
+    assert _saved_bytes(lambda: soft_cross_entropy_eager(s, t)) >= 4 * logits_bytes
+
+
+def test_retained_graph_backpropagates_twice_alike():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 11, generator=g).requires_grad_()
+    loss = soft_cross_entropy(s, torch.randn(3, 11, generator=g)) * 3.0
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first, rtol=0, atol=0)
+
+
+def test_teacher_with_grad_and_second_order():
+    """A teacher whose logits require grad gets its gradient (the plain formula); the chunked
+    path refuses a second derivative instead of returning a wrong one."""
+    g = torch.Generator().manual_seed(4)
+    s64, t64 = _logits(g, (3, 11)), _logits(g, (3, 11))
+    s, t = s64.float().requires_grad_(), t64.float().requires_grad_()
+    got = torch.autograd.grad(soft_cross_entropy(s, t, temperature=2.0), (s, t))
+    s64.requires_grad_(), t64.requires_grad_()
+    want = torch.autograd.grad(soft_cross_entropy_eager(s64, t64, temperature=2.0), (s64, t64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=1e-8)
+    leaf = s64.detach().float().requires_grad_()
+    with pytest.raises(RuntimeError, match="soft_cross_entropy_eager"):
+        torch.autograd.grad(soft_cross_entropy(leaf, t64.detach().float()), leaf,
+                            create_graph=True)
