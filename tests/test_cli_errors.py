@@ -1,5 +1,6 @@
-"""Every bad argument of ``distill``, ``outliers`` and ``check``: argparse's one ``error:``
-line naming the flag, exit status 2, no traceback, and nothing trained or scanned.
+"""Every bad argument of ``distill``, ``outliers``, ``cache`` and ``check``: argparse's one
+``error:`` line naming the flag, exit status 2, no traceback, and nothing trained, scanned or
+recorded.
 
 Files, folders and single values are checked at parse time; what several flags (or a flag and
 the teacher's config) must agree on is checked before anything trains. The runs are replaced
@@ -12,11 +13,12 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
 from eofd_kernels import cli  # noqa: E402
-from eofd_kernels.distill import outliers_job, run  # noqa: E402
+from eofd_kernels.distill import cache_job, outliers_job, record_teacher, run  # noqa: E402
 from tests.test_distill_cli import bert_folder  # noqa: E402
 
 
@@ -54,13 +56,37 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (root / "binary.bin").write_bytes(bytes(range(256)))
     (root / "utf16.txt").write_bytes("One sentence.\n".encode("utf-16"))
     (root / "file.txt").write_text("A sentence.\n")
-    return {"tiny": str(tiny), **{k: str(v) for k, v in broken.items()},
+    caches = _caches(root, tiny)
+    return {**caches, "tiny": str(tiny), **{k: str(v) for k, v in broken.items()},
             "small_vocab": str(small_vocab), "no_type": str(no_type),
             "bad_json": str(bad_json), "no_config": str(no_config),
             "empty": str(root / "empty.txt"), "blank": str(root / "blank.txt"),
             "binary": str(root / "binary.bin"), "utf16": str(root / "utf16.txt"),
             "file": str(root / "file.txt"), "missing": str(root / "missing"),
             "folder": str(root)}
+
+
+def _caches(root, tiny) -> dict[str, str]:
+    """Teacher caches of 4 examples: all of tiny's hidden states, only its embeddings, all of
+    another teacher's, and the first with a truncated shard."""
+    from transformers import BertConfig, BertModel
+
+    quiet = lambda *_: None  # noqa: E731
+    ids = torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    model = BertModel.from_pretrained(tiny)
+    other = BertModel(BertConfig(vocab_size=model.config.vocab_size, hidden_size=16,
+                                 num_attention_heads=2, num_hidden_layers=3,
+                                 intermediate_size=32))
+    for name, teacher, layers in (("cache_all", model, [0, 1, 2, 3]),
+                                  ("cache_layer0", model, [0]),
+                                  ("cache_other", other, [0, 1, 2, 3])):
+        record_teacher(teacher, batches, layers=layers, out=root / name, print_fn=quiet)
+    shutil.copytree(root / "cache_all", root / "cache_truncated")
+    shard = next((root / "cache_truncated").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return {name: str(root / name) for name in
+            ("cache_all", "cache_layer0", "cache_other", "cache_truncated")}
 
 
 MODEL_COMMON = [  # flags distill and outliers share
@@ -110,6 +136,34 @@ CASES = [
     ("distill", "--nproc", ["--nproc=100000"]),
     ("distill", "--batch-size", ["--nproc=2", "--batch-size=5"]),
     ("distill", "--batch-size", ["--batch-size=100000"]),  # more than the text's sentences
+    ("distill", "--teacher-cache", ["--teacher-cache={missing}"]),
+    ("distill", "--teacher-cache", ["--teacher-cache={file}"]),
+    ("distill", "--teacher-cache", ["--teacher-cache={folder}"]),  # no index.json
+    ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_truncated}",
+                                    "--batch-size=4"]),
+    ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_other}",
+                                    "--batch-size=4"]),
+    ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_layer0}",
+                                    "--batch-size=4"]),
+    ("distill", "--batch-size", ["--teacher={tiny}", "--teacher-cache={cache_all}"]),  # 16 > 4
+    *(("cache", flag, argv) for flag, argv in MODEL_COMMON
+      if flag in ("--teacher", "--batch-size", "--max-length", "--device", "--out")),
+    ("cache", "--layers", ["--layers=x"]),
+    ("cache", "--layers", ["--layers=-1"]),
+    ("cache", "--layers", ["--layers=1,1"]),
+    ("cache", "--layers", ["--layers="]),
+    ("cache", "--layers", ["--teacher={tiny}", "--layers=0,4"]),  # hidden states 0..3
+    ("cache", "--logits", ["--logits=0"]),
+    ("cache", "--logits", ["--logits=x"]),
+    ("cache", "--logits", ["--teacher={tiny}", "--logits=full"]),  # a BertModel: no head
+    ("cache", "--logits", ["--logits=5"]),  # the default teacher is a base model too
+    ("cache", "--dtype", ["--dtype=fp16"]),
+    ("cache", "--text", ["--text={missing}"]),
+    ("cache", "--text", ["--text={folder}"]),
+    ("cache", "--text", ["--text={empty}"]),
+    ("cache", "--text", ["--text={binary}"]),
+    ("cache", "--nproc", ["--nproc=0"]),
+    ("cache", "--nproc", ["--nproc=100000"]),
     *(("outliers", flag, argv) for flag, argv in MODEL_COMMON),
     ("outliers", "--text", ["--text={missing}"]),
     ("outliers", "--text", ["--text={folder}"]),
@@ -141,8 +195,10 @@ def _never(*_args, **_kwargs):
                          ids=[f"{c}-{' '.join(a)}" for c, _, a in CASES])
 def test_bad_argument_is_one_error_line(monkeypatch, capsys, paths, command, flag, argv):
     for target, name in ((run, "run_distill"), (outliers_job, "run_outliers"),
-                         (cli, "_relaunch_with_torchrun")):
+                         (cache_job, "run_cache"), (cli, "_relaunch_with_torchrun")):
         monkeypatch.setattr(target, name, _never)
+    if command == "cache" and flag != "--out":
+        argv = [*argv, "--out={folder}/new-cache"]
     # Fixed here, so the cases mean the same on every machine: 4 cores (--nproc 2 allowed,
     # 100000 not), and ext missing.
     monkeypatch.setattr(cli, "usable_cpus", lambda: 4)
@@ -161,8 +217,12 @@ def test_bad_argument_is_one_error_line(monkeypatch, capsys, paths, command, fla
     ("distill", []),
     ("distill", ["--teacher={tiny}", "--student-layers=3", "--student-width=16", "--nproc=2",
                  "--batch-size=4", "--max-length=64", "--out={folder}/new/plots"]),
+    ("distill", ["--teacher={tiny}", "--teacher-cache={cache_all}", "--batch-size=4"]),
     ("outliers", []),
     ("outliers", ["--teacher={tiny}", "--text={file}", "--threshold=0", "--top=1"]),
+    ("cache", ["--out={folder}/new-cache"]),
+    ("cache", ["--teacher={tiny}", "--layers=0,3", "--text={file}", "--nproc=2",
+               "--out={folder}/new-cache"]),
 ])
 def test_good_arguments_reach_the_run(monkeypatch, paths, command, argv):
     """The other side of the checks: valid values (the defaults, and the bounds) pass them."""
@@ -170,6 +230,7 @@ def test_good_arguments_reach_the_run(monkeypatch, paths, command, argv):
     monkeypatch.setattr(run, "run_distill", lambda cfg, **_: reached.append(cfg) or
                         {"finite": True})
     monkeypatch.setattr(outliers_job, "run_outliers", lambda cfg, **_: reached.append(cfg))
+    monkeypatch.setattr(cache_job, "run_cache", lambda cfg, **_: reached.append(cfg))
     monkeypatch.setattr(cli, "_relaunch_with_torchrun", lambda nproc, argv: reached.append(nproc)
                         or 0)
     monkeypatch.setattr(cli, "usable_cpus", lambda: 4)

@@ -63,7 +63,7 @@ TINY = dict(teacher="random", student_layers=2, student_width=64, steps=3, batch
 
 def test_power_zero_students_are_identical(one_thread):
     """With p = 0 the EOFD student *is* the MSE student: same start, batches and steps."""
-    out = run_distill(DistillConfig(power=0.0, **TINY), print_fn=lambda *_: None)
+    out = run_distill(DistillConfig(powers=(0.0,), **TINY), print_fn=lambda *_: None)
     eofd, mse = out["results"].values()
     assert eofd == mse
 
@@ -141,3 +141,34 @@ def test_distill_on_two_processes(capfd):
     assert main(["distill", *args, "--nproc", "2"]) == 0
     printed = capfd.readouterr().out
     assert printed.count("held-out comparison") == 1
+
+
+def test_the_p_grid_trains_from_one_recording_as_from_the_live_teacher(capsys, tmp_path,
+                                                                       one_thread):
+    """``cache`` then ``distill --teacher-cache`` with two powers: every student (EOFD p=0.5,
+    p=1, MSE) ends as it does trained with the live teacher on the same batches, and both
+    EOFD students still copy the outlier dims better than the MSE one."""
+    teacher = bert_folder(tmp_path / "teacher", outlier_gain=3.0)
+    shape = [f"--teacher={teacher}", "--max-length=24"]
+    assert main(["cache", *shape, "--layers=0,1,2", f"--out={tmp_path / 'cache'}"]) == 0
+    recorded = capsys.readouterr().out
+    assert "recording layers [0, 1, 2] at fp32" in recorded
+    train = [*shape, "--student-layers=2", "--student-width=32", "--steps=20",
+             "--batch-size=8", "--lr=5e-3", "--power", "0.5", "1"]
+    runs = {}
+    for source, extra in (("live", []), ("cache", [f"--teacher-cache={tmp_path / 'cache'}"])):
+        assert main(["distill", *train, *extra]) == 0
+        printed = capsys.readouterr().out
+        assert ("training from the teacher cache" in printed) == (source == "cache")
+        where = "from the teacher cache" if source == "cache" else "with the teacher"
+        assert f"training time ({where}): EOFD p=0.5 " in printed
+        lines = printed.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("held-out"))
+        runs[source] = (lines[start:start + 5], _outlier_rows(printed))
+    assert runs["cache"] == runs["live"]
+    table, rows = runs["cache"]
+    assert [line.split()[:2] for line in table[2:]] == [["EOFD", "p=0.5"], ["EOFD", "p=1"],
+                                                         ["MSE", "(p=0)"]]
+    for row in rows:  # layer, dims, then "outlier / other" per student
+        p_half, p_one, mse = (float(row[i]) for i in (2, 5, 8))
+        assert p_half < mse and p_one < mse, row[0]

@@ -1,4 +1,5 @@
-"""English text that ships with Python: the reference topics of ``pydoc_data`` (~460 KB).
+"""Text for the jobs: English that ships with Python, the reference topics of ``pydoc_data``
+(~460 KB), or a user's file of sentences.
 
 Paragraphs of prose are split into sentences; code samples, grammar rules and headings are
 dropped. Whole topics are held out for evaluation, so no held-out sentence shares a paragraph
@@ -8,8 +9,9 @@ with a training sentence.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-__all__ = ["stdlib_sentences"]
+__all__ = ["file_sentences", "stdlib_sentences"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 _HEADING_RULE = re.compile(r"^[*=\-]{3,}$")
@@ -43,3 +45,11 @@ def stdlib_sentences(*, held_out_every: int = 5, min_words: int = 6,
     held_out = list(dict.fromkeys(held_out))
     seen = set(held_out)
     return [s for s in dict.fromkeys(train) if s not in seen], held_out
+
+
+def file_sentences(path: str | Path) -> list[str]:
+    """A UTF-8 file's non-blank lines, stripped: one sentence a line."""
+    if not Path(path).is_file():
+        raise ValueError(f"text: expected 'stdlib' or a file of sentences, got {str(path)!r}")
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]

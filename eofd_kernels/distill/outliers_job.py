@@ -14,7 +14,7 @@ import torch
 
 from ..outliers import CRITERIA, OutlierReport, OutlierScan
 from ..progress import progress
-from .corpus import stdlib_sentences
+from .corpus import file_sentences, stdlib_sentences
 from .models import Teacher, load_teacher
 
 __all__ = ["OutliersConfig", "plot_report", "run_outliers"]
@@ -40,11 +40,7 @@ def _sentences(text: str) -> list[str]:
     if text == "stdlib":
         train, held_out = stdlib_sentences()
         return train + held_out
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f"text: expected 'stdlib' or a file of sentences, got {text!r}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line]
+    return file_sentences(text)
 
 
 def scan_teacher(model, tokenizer, sentences: list[str], cfg: OutliersConfig,

@@ -1,7 +1,9 @@
 """``eofd-kernels distill``: distil a pretrained teacher into a smaller student, EOFD vs MSE.
 
-Both students start from the same weights, see the same batches and take the same optimiser
-steps; they differ only in the power of the hidden-state loss (EOFD's p, or 0: plain MSE).
+The students (one EOFD student per power, and the MSE one) start from the same weights, see
+the same batches and take the same optimiser steps; they differ only in the power of the
+hidden-state loss (EOFD's p, or 0: plain MSE). From a teacher cache, the whole grid trains on
+one recording: the teacher runs for none of the students' steps.
 Everything is offline: the teacher comes from an installed package (or is random, and says
 so), the text from Python's standard library.
 """
@@ -15,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,7 @@ class DistillConfig:
     student_width: int = 192
     backend: str = "auto"
     steps: int = 300
-    power: float = 0.5
+    powers: tuple[float, ...] = (0.5,)  # one EOFD student each (the paper's grid: 0.5, 1.0)
     batch_size: int = 16
     max_length: int = 64
     lr: float = 5e-4
@@ -69,7 +72,7 @@ def _students(cfg: DistillConfig, teacher) -> list[Student]:
     attach_projection(base, HiddenProjection(cfg.student_width, teacher.config.hidden_size,
                                              len(layer_map)))
     students = []
-    for name, power in ((f"EOFD p={cfg.power:g}", cfg.power), ("MSE (p=0)", 0.0)):
+    for name, power in (*((f"EOFD p={p:g}", p) for p in cfg.powers), ("MSE (p=0)", 0.0)):
         model = copy.deepcopy(base)  # the same start for both
         objective = DistillationLoss(layer_map, model.eofd_projection, power=power,
                                      use_logits=False, backend=cfg.backend)
@@ -103,9 +106,10 @@ def _training_args(cfg: DistillConfig, device: torch.device, out_dir: str):
         dataloader_drop_last=True)
 
 
-def _train(cfg, teacher, tokenizer, students, sentences, device):
+def _train(cfg, teacher, tokenizer, students, sentences, device) -> dict[str, float]:
     """Each student through ``EOFDTrainer`` on the same batches (the Trainer's seeded
-    shuffle): DDP across processes when launched with torchrun."""
+    shuffle): DDP across processes when launched with torchrun. Returns each student's
+    training seconds (wall clock: the teacher's forwards, or reading the cache, included)."""
     from .trainer import EOFDTrainer
 
     def collate(texts):
@@ -117,13 +121,17 @@ def _train(cfg, teacher, tokenizer, students, sentences, device):
         cache = TeacherCache(cfg.teacher_cache)
         cache.check_teacher(teacher)
         source = {"train_dataset": cache, "teacher": None}
+    seconds = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for st in students:
             trainer = EOFDTrainer(model=st.model, args=_training_args(cfg, device, out_dir),
                                   objective=st.objective, **source)
+            start = time.perf_counter()
             trainer.train()
+            seconds[st.name] = time.perf_counter() - start
             st.model = trainer.accelerator.unwrap_model(trainer.model,
                                                         keep_fp32_wrapper=False).eval()
+    return seconds
 
 
 @torch.no_grad()
@@ -148,7 +156,8 @@ def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str,
     teacher_tokens = [torch.cat(x) for x in t_states]
     t_embed = _mean_pool(teacher_tokens[-1], masks)
     # The teacher's outlier dims per mapped layer (eofd_kernels.outliers, variance criterion).
-    outliers = OutlierScan().update(teacher_tokens).report(power=cfg.power)
+    # The weights the report lists are those of the first EOFD student's p.
+    outliers = OutlierScan().update(teacher_tokens).report(power=cfg.powers[0])
     if cfg.out is not None:
         plot_report(outliers, cfg.out / "teacher", "teacher (mapped layers)")
     outlier_masks = [torch.zeros(t.shape[1], dtype=torch.bool).index_fill_(
@@ -176,7 +185,7 @@ def _evaluate(cfg, teacher, tokenizer, students, sentences, device) -> dict[str,
         s_embed = _mean_pool(torch.cat(s_states[-1]), masks)
         if cfg.out is not None:  # the student's copy, plotted as the teacher's
             copy_report = OutlierScan().update([torch.cat(x) for x in s_states]).report(
-                power=cfg.power)
+                power=cfg.powers[0])
             plot_report(copy_report, cfg.out / _slug(st.name), f"student {st.name}")
         results[st.name] = {
             "top_dims_fvu": sum(top) / len(top),
@@ -233,8 +242,8 @@ def _loss_timings(cfg, teacher, tokenizer, student: Student, sentences, device) 
         torch.autograd.grad(loss_fn(leaves), leaves)
 
     providers = {
-        backend: functools.partial(_eofd_all, teachers=teachers, mask=mask, power=cfg.power,
-                                   backend=backend)
+        backend: functools.partial(_eofd_all, teachers=teachers, mask=mask,
+                                   power=student.objective.eofd.power, backend=backend)
         for backend in available_backends(device)
     }
     providers["F.mse_loss (no weights)"] = functools.partial(_mse_all, teachers=teachers,
@@ -281,7 +290,7 @@ def run_distill(cfg: DistillConfig, print_fn=print, teacher: Teacher | None = No
     if cfg.teacher_cache is not None:
         print_fn(f"training from the teacher cache {cfg.teacher_cache} (the teacher runs for "
                  f"the held-out evaluation only)")
-    _train(cfg, model, teacher.tokenizer, students, train, device)
+    train_seconds = _train(cfg, model, teacher.tokenizer, students, train, device)
     results = _evaluate(cfg, model, teacher.tokenizer, students, held_out, device)
     print_fn(f"\nheld-out comparison ({len(held_out)} sentences; lower FVU is better, "
              f"FVU = unexplained share of the teacher's variance):")
@@ -291,9 +300,13 @@ def run_distill(cfg: DistillConfig, print_fn=print, teacher: Teacher | None = No
         print_fn(f"{name:14} {r['top_dims_fvu']:16.4f} {r['all_dims_fvu']:13.4f} "
                  f"{r['embedding_cosine']:14.4f}")
     _print_outlier_fvu(results, students[0].objective.layer_map, print_fn)
+    source = "from the teacher cache" if cfg.teacher_cache is not None else "with the teacher"
+    print_fn(f"training time ({source}): " + ", ".join(
+        f"{name} {sec:.1f} s" for name, sec in train_seconds.items())
+        + f"; all {sum(train_seconds.values()):.1f} s")
     timings = _loss_timings(cfg, model, teacher.tokenizer, students[0], train, device)
     print_fn("hidden-state loss, fwd+bwd per step (all mapped layers): " + ", ".join(
         f"{name} {ms:.2f} ms" for name, ms in timings.items()))
     headline = ("top_dims_fvu", "all_dims_fvu", "embedding_cosine")
-    return {"results": results, "timings_ms": timings,
+    return {"results": results, "timings_ms": timings, "train_seconds": train_seconds,
             "finite": all(math.isfinite(r[k]) for r in results.values() for k in headline)}
