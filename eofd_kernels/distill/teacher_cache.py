@@ -862,5 +862,6 @@ def _scatter(keep: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(B, N, ...)`` zeros with the concatenated per-item ``rows`` at the valid positions."""
     values = torch.cat(list(rows))
     out = values.new_zeros((*keep.shape, *values.shape[1:]))
-    out[keep] = values
-    return out
+    # masked_scatter_ fills the valid positions in row-major order, as the rows were cut;
+    # unlike out[keep] = values it needs no index list of the positions.
+    return out.masked_scatter_(keep.view(*keep.shape, *(1,) * (values.dim() - 1)), values)
