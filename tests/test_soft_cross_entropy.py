@@ -139,14 +139,18 @@ def test_chunked_path_keeps_one_logits_sized_tensor_for_backward():
     assert _saved_bytes(lambda: soft_cross_entropy_eager(s, t)) >= 4 * logits_bytes
 
 
-def test_retained_graph_backpropagates_twice_alike():
+def test_a_second_backward_through_a_retained_graph_is_an_error():
+    """The gradient is scaled in place by the first backward: a second one would be wrong, so
+    it is refused; the first is the plain formula's."""
     g = torch.Generator().manual_seed(3)
-    s = torch.randn(3, 11, generator=g).requires_grad_()
-    loss = soft_cross_entropy(s, torch.randn(3, 11, generator=g)) * 3.0
+    s, t = torch.randn(3, 11, generator=g).requires_grad_(), torch.randn(3, 11, generator=g)
+    loss = soft_cross_entropy(s, t) * 3.0
     loss.backward(retain_graph=True)
-    first = s.grad.clone()
-    loss.backward()
-    torch.testing.assert_close(s.grad, 2 * first, rtol=0, atol=0)
+    leaf = s.detach().requires_grad_()
+    (want,) = torch.autograd.grad(soft_cross_entropy_eager(leaf, t) * 3.0, leaf)
+    torch.testing.assert_close(s.grad, want, rtol=2e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
 
 
 def test_teacher_with_grad_and_second_order():

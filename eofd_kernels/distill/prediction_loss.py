@@ -12,12 +12,13 @@ chunks and, in the forward, writes the gradient with respect to the student's lo
     d L / d z_s[r] = w_r (softmax(z_s[r] / tau) - q_r) / tau,   sum_c q_rc = 1,
 
 (``w_r``: 1 / rows, or the row's mask over the valid-row count) into one preallocated tensor in
-the student's dtype; its backward scales that tensor by the incoming gradient. A step holds
+the student's dtype; its backward scales that tensor in place by the incoming gradient. A step holds
 one row-by-vocabulary tensor beyond the logits and reads the logits once; the chunk's
 temporaries stay small (:func:`_rows_per_chunk`). docs/performance.md, "Whole training step",
 has what this does to a GPT-2 step.
 
-The chunked path is first-order (``create_graph=True`` through it is a clear error) and needs
+The chunked path is first-order and backpropagates once (``create_graph=True``, or a second
+backward through a graph kept with ``retain_graph=True``, is a clear error), and needs
 a teacher without grad (the usual frozen teacher); a teacher whose logits require grad takes
 the plain formula. Masked rows read as zeros in both: a NaN there reaches no gradient.
 """
@@ -159,6 +160,7 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
             grad[span] = g
         if want_grad:
             ctx.save_for_backward(grad)
+        ctx.scaled = False
         if keep is None:
             return per_row.mean()
         return per_row.where(keep, 0.0).sum() / count
@@ -169,6 +171,11 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
             raise RuntimeError("soft_cross_entropy: its gradient is formed in the forward and "
                                "has no derivative of its own; for a second derivative use "
                                "soft_cross_entropy_eager")
+        if ctx.scaled:
+            raise RuntimeError("soft_cross_entropy: a second backward through one graph "
+                               "(retain_graph=True); its gradient was scaled in place by the "
+                               "first. Use soft_cross_entropy_eager for that")
         (grad,) = ctx.saved_tensors
-        # Not in place: a graph kept with retain_graph=True is backpropagated again.
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        # In place: a fresh logits-sized tensor per step is what this path avoids.
+        ctx.scaled = True
+        return grad.mul_(grad_loss), None, None, None, None
