@@ -87,11 +87,55 @@ def test_sweep_records_and_report(tmp_path):
     assert saved["records"][0]["median_ms"] == records[0].median_ms
 
 
-def test_plots_are_written(tmp_path):
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The figures the plots save, kept open for their data."""
     pytest.importorskip("matplotlib")
-    paths = plot(_sweep(), tmp_path)
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *args, **kw: (figures.append(fig), save(fig, *args, **kw)))
+    return figures
+
+
+def test_plots_draw_the_records(tmp_path, drawn_figures):
+    """speedup.png draws each of our providers' speedup over the eager code and over
+    torch.compile; bandwidth.png each provider's GB/s and the copy's: the records' values."""
+    records = _sweep()
+    paths = plot(records, tmp_path)
     assert [p.name for p in paths] == ["speedup.png", "bandwidth.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    speedup, bandwidth = drawn_figures
+    by_provider = {r.provider: r for r in records if r.mode == "fwd+bwd"}
+    eager_ax, _ = speedup.axes
+    (line,) = [ln for ln in eager_ax.lines if ln.get_label() == "torch float32"]
+    want = by_provider["eager ref"].median_ms / by_provider["torch"].median_ms
+    assert line.get_ydata().tolist() == pytest.approx([want])
+    drawn = {ln.get_label(): ln.get_ydata().tolist() for ln in bandwidth.axes[0].lines}
+    assert drawn["torch float32"] == pytest.approx([by_provider["torch"].gb_per_s])
+    assert drawn["copy float32"] == pytest.approx([by_provider["torch"].copy_gb_per_s])
+
+
+def test_step_plot_stacks_each_ways_parts(tmp_path, drawn_figures):
+    from eofd_kernels.bench import step_report
+
+    records = [{"setting": "s", "dtype": "float32", "batch": 2, "seq": 8, "way": way,
+                "step_ms": sum(parts), "parts": dict(zip(step_bench.PARTS, parts))}
+               for way, parts in (("paper", (5.0, 2.0, 3.0, 7.0)),
+                                  ("eofd_kernels", (5.0, 2.0, 1.0, 4.0)))]
+    assert step_report.plot(records, tmp_path / "step.png") == tmp_path / "step.png"
+    (ax,) = drawn_figures[0].axes
+    bars = {}  # (way index, part) -> (bottom, height)
+    for part, container in zip(step_bench.PARTS, ax.containers):
+        for i, rect in enumerate(container):
+            bars[i, part] = (rect.get_y(), rect.get_height())
+    for i, r in enumerate(records):
+        bottom = 0.0
+        for part in step_bench.PARTS:
+            assert bars[i, part] == pytest.approx((bottom, r["parts"][part]))
+            bottom += r["parts"][part]
+    assert [t.get_text() for t in ax.texts] == ["17", "12"]
 
 
 def test_bench_command_writes_table_json(tmp_path, capsys):
