@@ -138,6 +138,22 @@ def test_step_plot_stacks_each_ways_parts(tmp_path, drawn_figures):
     assert [t.get_text() for t in ax.texts] == ["17", "12"]
 
 
+def test_step_table_compares_the_cache_with_the_live_teacher():
+    from eofd_kernels.bench import step_report
+
+    meta = {"device": "cpu", "torch": "x", "commit": "c", "date": "d", "command": "bench"}
+    records = [{"setting": "s", "label": "S", "dtype": "float32", "batch": 2, "seq": 8,
+                "reps": 3, "way": way, "step_ms": step, "p20_ms": step, "p80_ms": step,
+                "parts": dict(zip(step_bench.PARTS, (teacher, 1.0, 1.0, 1.0))),
+                "peak_extra_mb": None, "vs_paper": None, "loss_part_vs_paper": None,
+                "loss0": 1.0}
+               for way, step, teacher in (("eofd_kernels", 40.0, 37.0),
+                                          ("eofd_kernels cached", 10.0, 7.0))]
+    table = step_report.markdown(records, meta)
+    assert ("From a teacher cache the step takes 10.0 ms against 40.0 ms with the live "
+            "teacher: 0.250x (teacher part 7.0 vs 37.0 ms)") in table
+
+
 def test_bench_command_writes_table_json(tmp_path, capsys):
     code = main(["bench", "--models", "tinybert-4", "--dtypes", "fp32", "--modes", "fwd",
                  "--providers", "eager ref", "torch", "--reps", "3", "--out", str(tmp_path)])
@@ -239,6 +255,7 @@ def test_bench_step_command(tmp_path, monkeypatch, capsys):
         assert r["setting"] == "tiny-bert" and r["batch"] == 3 and r["seq"] == 8
     table = (tmp_path / "step.md").read_text()
     assert "| paper |" in table and "| **eofd_kernels** |" in table
+    assert "From a teacher cache" not in table  # not asked for
     assert "tiny BERT pair, B=3, N=8, float32" in capsys.readouterr().out
     if (tmp_path / "step.png").exists():
         assert (tmp_path / "step.png").read_bytes()[:4] == b"\x89PNG"

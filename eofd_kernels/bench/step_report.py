@@ -52,8 +52,20 @@ def markdown(records: list[dict], meta: dict) -> str:
                 + " | ".join(f"{r['parts'][p]:.1f}" for p in PARTS)
                 + f" | {peak} | {_ratio(r['vs_paper'])} | {_ratio(r['loss_part_vs_paper'])} | "
                   f"{r['loss0']:.6g} |")
-        lines.append("")
+        lines += ["", *_cache_line(group)]
     return "\n".join(lines)
+
+
+def _cache_line(group: list[dict]) -> list[str]:
+    """The step from a teacher cache against the same loss with the live teacher."""
+    ways = {r["way"]: r for r in group}
+    cached, live = ways.get("eofd_kernels cached"), ways.get("eofd_kernels")
+    if cached is None or live is None:
+        return []
+    return [f"From a teacher cache the step takes {cached['step_ms']:.1f} ms against "
+            f"{live['step_ms']:.1f} ms with the live teacher: "
+            f"{cached['step_ms'] / live['step_ms']:.3f}x (teacher part "
+            f"{cached['parts']['teacher']:.1f} vs {live['parts']['teacher']:.1f} ms).", ""]
 
 
 def plot(records: list[dict], path: Path) -> Path | None:
