@@ -8,15 +8,37 @@
 #include <tuple>
 #include <vector>
 
+#include "include/dtype_pairs.h"
 #include "include/eofd_params.h"
 
 namespace eofd {
 
+// The kernels' element type of a side's dtype; `side` names it in the error.
+inline DType element_dtype(at::ScalarType dtype, const char* side) {
+  switch (dtype) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "eofd_ext: ", side, " must be float16/bfloat16/float32/float64, got ",
+                  dtype);
+  }
+}
+
+// Each side keeps its dtype: every student is student_dtype, every teacher teacher_dtype
+// (include/dtype_pairs.h: the kernels are instances for the pair).
 struct LayerTable {
   std::vector<at::Tensor> copies;  // inputs that no (tokens, d) view describes, made contiguous
   std::vector<LayerParams> layers;
   int64_t max_d = 0;
-  at::ScalarType dtype;
+  at::ScalarType student_dtype, teacher_dtype;
+  DType student_element, teacher_element;  // the same, as the kernels' element types
+  // What the kernels accumulate in and the losses come back in: fp64 when a side is fp64, else
+  // fp32 (Accumulator: that of the promoted pair).
+  at::ScalarType accumulator_dtype() const {
+    return student_dtype == at::kDouble || teacher_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  }
 };
 
 // x (..., d) as n = numel / d rows of d contiguous elements: its data and row stride in place
@@ -46,7 +68,10 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
               "eofd_ext: got ", num_layers, " students, ", teachers.size(), " teachers and ",
               masks.size(), " masks");
   LayerTable table;
-  table.dtype = students[0].scalar_type();
+  table.student_dtype = students[0].scalar_type();
+  table.teacher_dtype = teachers[0].scalar_type();
+  table.student_element = element_dtype(table.student_dtype, "students");
+  table.teacher_element = element_dtype(table.teacher_dtype, "teachers");
   const auto device = students[0].device();
   for (size_t i = 0; i < num_layers; ++i) {
     const at::Tensor& s = students[i];
@@ -54,9 +79,10 @@ inline LayerTable make_layer_table(at::TensorList students, at::TensorList teach
     TORCH_CHECK(s.dim() >= 2 && s.sizes() == t.sizes(), "eofd_ext: layer ", i,
                 ": student ", s.sizes(), " and teacher ", t.sizes(),
                 " must be the same (..., d) with at least one token dim");
-    TORCH_CHECK(s.scalar_type() == table.dtype && t.scalar_type() == table.dtype,
-                "eofd_ext: layer ", i, ": every student and teacher must be ", table.dtype,
-                ", got ", s.scalar_type(), " and ", t.scalar_type());
+    TORCH_CHECK(s.scalar_type() == table.student_dtype && t.scalar_type() == table.teacher_dtype,
+                "eofd_ext: layer ", i, ": every student must be ", table.student_dtype,
+                " and every teacher ", table.teacher_dtype, " (layer 0's), got ",
+                s.scalar_type(), " and ", t.scalar_type());
     TORCH_CHECK(s.device() == device && t.device() == device, "eofd_ext: layer ", i,
                 ": expected tensors on ", device, ", got ", s.device(), " and ", t.device());
     TORCH_CHECK(s.numel() >= 1, "eofd_ext: layer ", i, " is empty: ", s.sizes());

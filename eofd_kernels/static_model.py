@@ -426,28 +426,39 @@ class CudaInstance:
     """What a mangled stats_kernel / backward_kernel name instantiates."""
 
     kernel: str  # "stats" or "backward"
-    dtype: str
+    student: str  # the student's dtype
+    teacher: str  # the teacher's dtype
     mask: bool
     teacher_grad: bool  # backward only
-    aligned: bool  # the 16-byte path every contiguous, aligned call takes
+    aligned: bool  # the vector path every contiguous, aligned call takes
 
     @property
     def label(self) -> str:
-        parts = [self.kernel, self.dtype, "mask" if self.mask else "no mask"]
+        pair = (self.student if self.student == self.teacher
+                else f"{self.student} student {self.teacher} teacher")
+        parts = [self.kernel, pair, "mask" if self.mask else "no mask"]
         if self.kernel == "backward":
             parts.append("dT" if self.teacher_grad else "no dT")
         return " ".join(parts) + ("" if self.aligned else " (element-wise fallback)")
 
 
+# The kernels' template arguments: <Student, Teacher, flags...>. A teacher of the student's
+# (class) type is mangled as a back-reference (S<n>_) to it.
+_TYPE = "f|d|13__nv_bfloat16|6__half"
+_INSTANCE = re.compile(rf"(stats|backward)_kernelI({_TYPE})({_TYPE}|S\d*_)((?:Lb[01]E)+)")
+
+
 def cuda_instance(symbol: str) -> CudaInstance | None:
-    match = re.search(r"(stats|backward)_kernelI(f|d|13__nv_bfloat16|6__half)((?:Lb[01]E)+)",
-                      symbol)
+    match = _INSTANCE.search(symbol)
     if not match:
         return None
-    flags = [f == "1" for f in re.findall(r"Lb([01])E", match.group(3))]
-    if match.group(1) == "stats":
-        return CudaInstance("stats", _TYPES[match.group(2)], flags[0], False, flags[1])
-    return CudaInstance("backward", _TYPES[match.group(2)], flags[0], flags[1], flags[2])
+    kernel, student, teacher, flags = match.groups()
+    teacher = student if teacher.startswith("S") else teacher
+    flags = [f == "1" for f in re.findall(r"Lb([01])E", flags)]
+    pair = (_TYPES[student], _TYPES[teacher])
+    if kernel == "stats":
+        return CudaInstance("stats", *pair, flags[0], False, flags[1])
+    return CudaInstance("backward", *pair, flags[0], flags[1], flags[2])
 
 
 TABLE_HEADER = ("| kernel | regs | local B | CTAs/SM | B/thread in flight | KB/SM in flight "

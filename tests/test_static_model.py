@@ -140,18 +140,34 @@ def cuda_models(tmp_path_factory):
 
 @needs_tools
 def test_every_instance_is_compiled_and_none_spills(cuda_models):
-    dtypes = {"fp32", "fp64", "bf16", "fp16"}
-    stats = {(i.dtype, i.mask, i.aligned) for i in cuda_models if i.kernel == "stats"}
-    backward = {(i.dtype, i.mask, i.teacher_grad, i.aligned) for i in cuda_models
+    """Every (student, teacher) pair of the four dtypes, and every flag combination."""
+    pairs = {(s, t) for s in ("fp32", "fp64", "bf16", "fp16") for t in ("fp32", "fp64", "bf16",
+                                                                         "fp16")}
+    stats = {(i.student, i.teacher, i.mask, i.aligned) for i in cuda_models
+             if i.kernel == "stats"}
+    backward = {(i.student, i.teacher, i.mask, i.teacher_grad, i.aligned) for i in cuda_models
                 if i.kernel == "backward"}
-    assert len(stats) == len(dtypes) * 4 and len(backward) == len(dtypes) * 8
+    assert {(i.student, i.teacher) for i in cuda_models} == pairs
+    assert len(stats) == len(pairs) * 4 and len(backward) == len(pairs) * 8
     assert [i.label for i, m in cuda_models.items() if m.local_bytes] == []
+
+
+def test_instance_names_are_parsed():
+    """A teacher of the student's class type is a back-reference in the mangled name."""
+    same = sm.cuda_instance("_ZN4eofd12_GLOBAL__N_112stats_kernelI13__nv_bfloat16S2_Lb0ELb1EEEvPK")
+    mixed = sm.cuda_instance("_ZN4eofd12_GLOBAL__N_115backward_kernelI6__halffLb1ELb0ELb1EEEvPK")
+    assert same == sm.CudaInstance("stats", "bf16", "bf16", False, False, True)
+    assert mixed == sm.CudaInstance("backward", "fp16", "fp32", True, False, True)
+    assert same.label == "stats bf16 no mask"
+    assert mixed.label == "backward fp16 student fp32 teacher mask no dT"
 
 
 @needs_tools
 def test_hot_kernels_keep_32_kb_in_flight_per_sm_at_2_ctas(cuda_models):
+    """Also the mixed pairs, whose narrower side reads 8 or 4 bytes a row (a vector of the
+    promoted type's dims): bf16 with fp16 reads 8 + 8 bytes a row, the fewest."""
     hot = {i: m for i, m in cuda_models.items() if i.aligned}
-    assert len(hot) == 24
+    assert len(hot) == 16 * 6
     for instance, m in sorted(hot.items(), key=lambda kv: kv[0].label):
         print(sm.table_row(instance.label, m))
     bad = [i.label for i, m in hot.items()
@@ -187,7 +203,7 @@ def test_headline_grids_are_whole_waves(cuda_models, tmp_path):
     """bf16, every hot variant: the grid is the kernel's resident CTAs on 132 SMs exactly,
     and each chunk respects the 1024-row fp32 bound."""
     cases = [(shape, i, m) for shape in HEADLINE for i, m in cuda_models.items()
-             if i.aligned and i.dtype == "bf16"]
+             if i.aligned and i.student == i.teacher == "bf16"]
     queries = [(*HEADLINE[shape], 2, sm.H200.sms, m.ctas_per_sm) for shape, _, m in cases]
     for (shape, instance, m), (chunks, tiles, grid) in zip(cases, _plans(tmp_path, queries)):
         layers, n, d = HEADLINE[shape]

@@ -4,7 +4,6 @@
 // 256-row chunks per layer, never by thread count, and chunk results are merged in chunk
 // order: the bits do not depend on how many threads run.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -21,10 +20,11 @@
 namespace eofd {
 namespace {
 
-template <typename scalar_t>
+// s_elem, t_elem: the student's and the teacher's element types (CpuElements).
+template <typename s_elem, typename t_elem>
 void backward_impl(const LayerTable& table, const std::vector<double>& grads,
                    const at::Tensor& dim_stats, bool need_teacher_grad) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = Accumulator<s_elem, t_elem>;
   const int64_t num_layers = table.layers.size();
   const int64_t max_d = table.max_d;
   std::vector<acc_t> coefs(num_layers * 4 * max_d);
@@ -38,9 +38,9 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
       static_cast<int64_t>(chunks.size()),
       [&](int64_t i) {
         const Chunk& ch = chunks[i];
-        backward_chunk<element_t<scalar_t>>(table.layers[ch.layer], ch,
-                                            coefs.data() + ch.layer * 4 * max_d, max_d,
-                                            need_teacher_grad);
+        backward_chunk<s_elem, t_elem>(table.layers[ch.layer], ch,
+                                       coefs.data() + ch.layer * 4 * max_d, max_d,
+                                       need_teacher_grad);
       },
       stream_fence);
 }
@@ -55,11 +55,10 @@ void backward_impl(const LayerTable& table, const std::vector<double>& grads,
 // last statistics chunk finalizes the layer's moments and weights, and a gradient chunk waits
 // for that. Every statistics chunk of a layer is claimed before any of its gradient chunks,
 // so a wait is on running work, never on unclaimed work.
-template <typename scalar_t>
+template <typename s_elem, typename t_elem>
 void forward_impl(const LayerTable& table, double power, double eps, int64_t group_bytes,
                   const std::vector<double>& grads, at::Tensor& losses, at::Tensor& dim_stats) {
-  using acc_t = acc_type<scalar_t>;
-  using elem_t = element_t<scalar_t>;
+  using acc_t = Accumulator<s_elem, t_elem>;
   int64_t workspace_size = 0;
   const std::vector<Chunk> chunks = make_chunks(table, &workspace_size);
   // Every partial is written in full before it is read: no zeroing, and pooled pages that are
@@ -72,7 +71,7 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
   const bool with_grads = group_bytes > 0;
   const std::vector<int64_t> first_chunk = first_chunks(chunks, num_layers);
   const std::vector<int64_t> order = claim_order(
-      first_chunk, with_grads ? group_ends<elem_t>(table, group_bytes)
+      first_chunk, with_grads ? group_ends(table, group_bytes)
                               : std::vector<int64_t>{num_layers},
       with_grads, at::get_num_threads());
   double* stats = dim_stats.data_ptr<double>();
@@ -109,26 +108,22 @@ void forward_impl(const LayerTable& table, double power, double eps, int64_t gro
         const LayerParams& p = table.layers[c.layer];
         if (is_grad) {
           while (!finalized[c.layer].load(std::memory_order_acquire)) spin_pause();
-          student_grad_chunk<elem_t>(p, c, coef_s.data() + c.layer * max_d,
-                                     workspace + c.offset);
+          student_grad_chunk<s_elem, t_elem>(p, c, coef_s.data() + c.layer * max_d,
+                                             workspace + c.offset);
           if (grads_left[c.layer].fetch_sub(1, std::memory_order_acq_rel) == 1) {
             finalize_loss_of(c.layer);
           }
           return;
         }
         if (with_grads) {
-          chunk_stats<false, elem_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+          chunk_stats<false, s_elem, t_elem>(p, c.row_begin, c.row_end, workspace + c.offset);
         } else {
-          chunk_stats<true, elem_t>(p, c.row_begin, c.row_end, workspace + c.offset);
+          chunk_stats<true, s_elem, t_elem>(p, c.row_begin, c.row_end, workspace + c.offset);
         }
         if (stats_left[c.layer].fetch_sub(1, std::memory_order_acq_rel) == 1) finalize(c.layer);
       },
       stream_fence);
   losses.copy_(at::tensor(layer_loss, at::kDouble));
-}
-
-at::ScalarType result_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 at::Tensor pooled_empty_like(const at::Tensor& x) {
@@ -146,10 +141,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const LayerTable& table, double p
   auto dim_stats = OutputPool::instance()->empty({num_layers, kDimFields, table.max_d},
                                                  at::kDouble);
   auto losses = at::empty({num_layers}, at::kDouble);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_forward_cpu", [&] {
-    forward_impl<scalar_t>(table, power, eps, group_bytes, grads, losses, dim_stats);
+  dispatch_dtypes<CpuElements>(table.student_element, table.teacher_element, [&](auto s, auto t) {
+    forward_impl<type_of<decltype(s)>, type_of<decltype(t)>>(table, power, eps, group_bytes,
+                                                             grads, losses, dim_stats);
   });
-  return {losses.to(result_dtype(table.dtype)), dim_stats};
+  return {losses.to(table.accumulator_dtype()), dim_stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
@@ -188,11 +184,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_cpu(
   const std::vector<double> grads = host_grads(grad_losses);
   auto grads_out = allocate_grads(table, students, teachers, need_teacher_grad,
                                   pooled_empty_like);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "eofd_backward_cpu",
-                                  [&] {
-                                    backward_impl<scalar_t>(table, grads, dim_stats,
-                                                            need_teacher_grad);
-                                  });
+  dispatch_dtypes<CpuElements>(table.student_element, table.teacher_element, [&](auto s, auto t) {
+    backward_impl<type_of<decltype(s)>, type_of<decltype(t)>>(table, grads, dim_stats,
+                                                              need_teacher_grad);
+  });
   return grads_out;
 }
 

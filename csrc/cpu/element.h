@@ -19,17 +19,12 @@ struct Bf16Bits {
   uint16_t bits;
 };
 
-template <typename scalar_t>
-struct element {
-  using type = scalar_t;
+// The CPU kernels' 16-bit element types (same size and bits as the tensors'), for
+// dispatch_dtypes (include/dtype_pairs.h).
+struct CpuElements {
+  using half = c10::Half;
+  using bfloat16 = Bf16Bits;
 };
-template <>
-struct element<c10::BFloat16> {
-  using type = Bf16Bits;
-};
-// The type the kernels use for a tensor of `scalar_t` (same size and bits).
-template <typename scalar_t>
-using element_t = typename element<scalar_t>::type;
 
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
@@ -46,6 +41,13 @@ inline Bf16Bits narrow<Bf16Bits, float>(float x) {
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
   return Bf16Bits{static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded)};
+}
+// A double (an fp64 pair's accumulator) rounds to float first, as torch's casts do (c10's
+// 16-bit types are built from a float; c10::Half's generic narrow above converts so too): the
+// bits of the promoted call's fp64 result cast to the side's dtype.
+template <>
+inline Bf16Bits narrow<Bf16Bits, double>(double x) {
+  return narrow<Bf16Bits>(static_cast<float>(x));
 }
 
 }  // namespace eofd

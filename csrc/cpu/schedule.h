@@ -48,12 +48,11 @@ inline std::vector<int64_t> first_chunks(const std::vector<Chunk>& chunks, int64
 
 // One past the last layer of each group of consecutive layers whose S and T fit group_bytes
 // (a larger layer is a group of its own).
-template <typename elem_t>
-std::vector<int64_t> group_ends(const LayerTable& table, int64_t group_bytes) {
+inline std::vector<int64_t> group_ends(const LayerTable& table, int64_t group_bytes) {
   const int64_t num_layers = table.layers.size();
-  auto layer_bytes = [&](int64_t l) {
-    return 2 * table.layers[l].n * table.layers[l].d * static_cast<int64_t>(sizeof(elem_t));
-  };
+  const int64_t pair_bytes = static_cast<int64_t>(c10::elementSize(table.student_dtype) +
+                                                  c10::elementSize(table.teacher_dtype));
+  auto layer_bytes = [&](int64_t l) { return table.layers[l].n * table.layers[l].d * pair_bytes; };
   std::vector<int64_t> ends;
   for (int64_t end = 0; end < num_layers;) {
     int64_t bytes = layer_bytes(end++);

@@ -20,15 +20,16 @@ namespace eofd {
 // is chan_merge_nonempty with its count-only factors hoisted out of the loop (divisions per
 // dim would dominate the pass). While it reads a line of each row, it prefetches the
 // same line of each row of the next tile (next_s, next_t) into L2: the hardware prefetchers do
-// not keep 2R interleaved streams ahead (docs/performance.md).
-template <int R, bool First, bool SqErr, typename elem_t, typename acc_t>
-__attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
-                                        Rows<R, elem_t> next_s, Rows<R, elem_t> next_t,
+// not keep 2R interleaved streams ahead (docs/performance.md). S and T are read as their own
+// element types (s_elem, t_elem), widened to the pair's acc_t (Accumulator) exactly.
+template <int R, bool First, bool SqErr, typename s_elem, typename t_elem, typename acc_t>
+__attribute__((noinline)) void add_tile(Rows<R, s_elem> s, Rows<R, t_elem> t,
+                                        Rows<R, s_elem> next_s, Rows<R, t_elem> next_t,
                                         int64_t d, acc_t frac, acc_t cross,
                                         acc_t* __restrict__ pivot, acc_t* __restrict__ mean,
                                         acc_t* __restrict__ m2, acc_t* __restrict__ squared_error) {
   constexpr acc_t inv_rows = acc_t(1) / R;
-  constexpr int64_t kLine = kLineElems<elem_t>;
+  constexpr int64_t kLine = kLineElems<s_elem, t_elem>;
   for (int64_t j0 = 0; j0 < d; j0 += kLine) {
 #pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
@@ -74,8 +75,8 @@ __attribute__((noinline)) void add_tile(Rows<R, elem_t> s, Rows<R, elem_t> t,
 // Merges the tile of R rows at s_rows / t_rows into the chunk's statistics `out` (laid out as
 // in chunk_stats); `count` is the chunk's rows so far. `next` is where the next tile starts in
 // the row arrays (the tile itself when there is none).
-template <int R, bool SqErr, typename elem_t, typename acc_t>
-void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int next, int64_t d,
+template <int R, bool SqErr, typename s_elem, typename t_elem, typename acc_t>
+void merge_tile(const s_elem* const* s_rows, const t_elem* const* t_rows, int next, int64_t d,
                 acc_t count, acc_t* out) {
   const auto s = rows_at<R>(s_rows);
   const auto t = rows_at<R>(t_rows);
@@ -97,9 +98,9 @@ void merge_tile(const elem_t* const* s_rows, const elem_t* const* t_rows, int ne
 // [pivot | mean offset | M2 | sum (S - T)^2] (d each; the sum only with SqErr), then the
 // valid-token count. Valid rows are merged kTileRows at a time; the last few one by one (a
 // one-row tile is Welford's update).
-template <bool SqErr, typename elem_t, typename acc_t>
+template <bool SqErr, typename s_elem, typename t_elem, typename acc_t>
 void chunk_stats(const LayerParams& p, int64_t row_begin, int64_t row_end, acc_t* out) {
-  ValidRows<elem_t> rows;
+  ValidRows<s_elem, t_elem> rows;
   gather_valid_rows(p, row_begin, row_end, rows);
   if (rows.count == 0) std::fill(out, out + 4 * p.d, acc_t(0));  // else the first tile writes
   for_each_tile(rows.count, [&](auto tile_rows, int k, int next) {

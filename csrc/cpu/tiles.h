@@ -10,15 +10,12 @@
 #include <vector>
 
 #include "../include/chunk_policy.h"
+#include "../include/dtype_pairs.h"
 #include "../layer_table.h"
 
 namespace eofd {
 
 constexpr int64_t kChunkRows = kCpuChunkRows;
-
-// Accumulation type: fp64 for fp64 inputs, else fp32.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 struct Chunk {
   int64_t layer, row_begin, row_end, offset;  // offset of its partial in the workspace
@@ -56,24 +53,26 @@ Rows<R, elem_t> rows_at(const elem_t* const* rows) {
   return out;
 }
 
-// Elements of a row per 64-byte cache line: the tile loop goes a line of every row at a time.
-template <typename elem_t>
-constexpr int64_t kLineElems = 64 / sizeof(elem_t);
+// Elements of a row per 64-byte cache line of the wider of S and T (s_elem, t_elem): the tile
+// loop goes a line of every row at a time (a narrower side's line is then prefetched twice,
+// which costs less than leaving every other line of the wider side unprefetched).
+template <typename s_elem, typename t_elem>
+constexpr int64_t kLineElems = 64 / std::max(sizeof(s_elem), sizeof(t_elem));
 
 // The valid rows of a chunk: their S and T row pointers and row indices, in order.
-template <typename elem_t>
+template <typename s_elem, typename t_elem>
 struct ValidRows {
-  const elem_t* s[kChunkRows];
-  const elem_t* t[kChunkRows];
+  const s_elem* s[kChunkRows];
+  const t_elem* t[kChunkRows];
   int64_t index[kChunkRows];
   int count = 0;
 };
 
-template <typename elem_t>
+template <typename s_elem, typename t_elem>
 void gather_valid_rows(const LayerParams& p, int64_t row_begin, int64_t row_end,
-                       ValidRows<elem_t>& rows) {
-  const auto* S = static_cast<const elem_t*>(p.student);
-  const auto* T = static_cast<const elem_t*>(p.teacher);
+                       ValidRows<s_elem, t_elem>& rows) {
+  const auto* S = static_cast<const s_elem*>(p.student);
+  const auto* T = static_cast<const t_elem*>(p.teacher);
   for (int64_t r = row_begin; r < row_end; ++r) {
     if (p.mask != nullptr && !p.mask[r]) continue;
     rows.s[rows.count] = S + r * p.student_row;

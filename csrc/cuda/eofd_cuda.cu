@@ -3,8 +3,10 @@
 // Torch-free: only CUDA headers and ours, so plain nvcc compiles it anywhere.
 //
 // The stats and backward kernels run a persistent grid over work items (layer, block of dims,
-// chunk of rows; launch_params.h). A block is kDimThreads x kRowGroups threads; a thread owns
-// one 16-byte vector of dims and, per tile, kRowsPerThread rows held in registers as stored:
+// chunk of rows; launch_params.h). Each kernel is an instance for a (student, teacher) pair of
+// element types, each side read and written in its own. A block is kDimThreads x kRowGroups
+// threads; a thread owns the dims of one 16-byte vector of the pair's promoted type (kVec)
+// and, per tile, kRowsPerThread rows of each side held in registers as stored:
 // exact two-pass stats around the tile's first valid row, merged tile by tile (Chan), then the
 // row groups merged in order through shared memory. Memory-bound kernels stream at full
 // bandwidth only with enough bytes in flight (Little's law), so every tile's loads are issued
@@ -19,46 +21,52 @@
 namespace eofd {
 namespace {
 
-template <typename T>
+// The kernels' 16-bit element types, for dispatch_dtypes (include/dtype_pairs.h).
+struct CudaElements {
+  using half = __half;
+  using bfloat16 = __nv_bfloat16;
+};
+
+template <typename E>
 struct Traits;
 // bits: the element's storage, what a thread keeps in registers until the arithmetic (16-bit
-// data stays two to a register); acc: the accumulation type.
+// data stays two to a register). to_acc widens exactly (the caller's accumulator may be wider
+// still); from_acc rounds to nearest and takes a float for every type but double, so a double
+// accumulator (a pair with an fp64 side) rounds to float first, as torch's casts do: the bits
+// of the promoted call's result cast to the side's dtype.
 template <>
 struct Traits<float> {
-  using acc = float;
   using bits = unsigned int;
   __device__ static float to_acc(bits b) { return __uint_as_float(b); }
   __device__ static bits from_acc(float x) { return __float_as_uint(x); }
 };
 template <>
 struct Traits<double> {
-  using acc = double;
   using bits = unsigned long long;
   __device__ static double to_acc(bits b) { return __longlong_as_double(b); }
   __device__ static bits from_acc(double x) { return __double_as_longlong(x); }
 };
 template <>
 struct Traits<__half> {
-  using acc = float;
   using bits = unsigned short;
   __device__ static float to_acc(bits b) { return __half2float(__ushort_as_half(b)); }
   __device__ static bits from_acc(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 template <>
 struct Traits<__nv_bfloat16> {
-  using acc = float;
   using bits = unsigned short;
   __device__ static float to_acc(bits b) { return __uint_as_float(static_cast<unsigned>(b) << 16); }
   __device__ static bits from_acc(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 };
 
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte access
+template <typename E>
+using Bits = typename Traits<E>::bits;
 
-template <typename T>
-using Bits = typename Traits<T>::bits;
-template <typename T>
-using Acc = typename Traits<T>::acc;
+// Dims per thread of a (Student, Teacher) pair: one 16-byte vector of the promoted type, so a
+// side of that type reads 16 bytes a row and a narrower one 8 or 4. The pair then has the
+// promoted call's dim blocks, plan and arithmetic (Accumulator): the same bits.
+template <typename Student, typename Teacher>
+constexpr int kVec = 16 / sizeof(Promoted<Student, Teacher>);
 constexpr int R = kRowsPerThread;
 
 // One thread's vector of one row, packed as stored (also on the element-wise path, whose
@@ -97,54 +105,78 @@ __device__ __forceinline__ void set_element(uint4& v, int k, Bits<T> b) {
   }
 }
 
-// 16 bytes at `ptr` if `pred`, else zeros: a predicated load. Written in PTX because the
-// compiler keeps `if (valid) load` as a branch per row for some element types, and then
-// reuses one set of registers for every row's data, so each row's loads wait on the previous
-// row's use: the tile's loads would no longer be in flight together.
-__device__ __forceinline__ uint4 load16_if(const void* ptr, bool pred) {
-  uint4 v;
-  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
-      "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
-      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// One 16-byte store to global memory. Written in PTX because the output pointers come from
-// the params table: the compiler would emit generic stores and split the vector. Nothing in a
-// kernel reads what it stores, so no memory clobber is needed (volatile keeps it in place
-// among the stores).
-__device__ __forceinline__ void store16(void* ptr, const uint4& v) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
-               :
-               : "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-}
-
-// A thread's vector of one row if the row counts (`valid`), else zeros. ALIGNED: one 16-byte
-// load (the host checked that every layer's vectors are aligned and inside their rows); else
-// element by element, 0 past d.
-template <typename T, bool ALIGNED>
-__device__ __forceinline__ RowBits load_row(const Bits<T>* __restrict__ row, int64_t col,
-                                            int64_t d, bool valid) {
-  if (ALIGNED) return load16_if(row + col, valid);
-  RowBits v = make_uint4(0, 0, 0, 0);
-#pragma unroll
-  for (int k = 0; k < kVec<T>; ++k) {
-    if (valid && col + k < d) set_element<T>(v, k, __ldg(row + col + k));
+// BYTES (16, 8 or 4) at `ptr` if `pred`, else zeros, in the low words: a predicated load.
+// Written in PTX because the compiler keeps `if (valid) load` as a branch per row for some
+// element types, and then reuses one set of registers for every row's data, so each row's
+// loads wait on the previous row's use: the tile's loads would no longer be in flight together.
+template <int BYTES>
+__device__ __forceinline__ uint4 load_if(const void* ptr, bool pred) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if constexpr (BYTES == 16) {
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+        "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+        "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr), "r"(static_cast<int>(pred)));
+  } else if constexpr (BYTES == 8) {
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %3, 0;\n\t"
+        "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t"
+        "@p ld.global.nc.v2.u32 {%0, %1}, [%2];\n\t}"
+        : "=r"(v.x), "=r"(v.y)
+        : "l"(ptr), "r"(static_cast<int>(pred)));
+  } else {
+    static_assert(BYTES == 4, "a thread's vector of a side is 16, 8 or 4 bytes");
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t"
+        "mov.b32 %0, 0;\n\t"
+        "@p ld.global.nc.u32 %0, [%1];\n\t}"
+        : "=r"(v.x)
+        : "l"(ptr), "r"(static_cast<int>(pred)));
   }
   return v;
 }
 
-template <typename T, bool ALIGNED>
-__device__ __forceinline__ void store_row(Bits<T>* __restrict__ row, int64_t col, int64_t d,
+// One store of BYTES (16, 8 or 4) from the low words of v to global memory. Written in PTX
+// because the output pointers come from the params table: the compiler would emit generic
+// stores and split the vector. Nothing in a kernel reads what it stores, so no memory clobber
+// is needed (volatile keeps it in place among the stores).
+template <int BYTES>
+__device__ __forceinline__ void store(void* ptr, const uint4& v) {
+  if constexpr (BYTES == 16) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+                 :
+                 : "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+  } else if constexpr (BYTES == 8) {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" : : "l"(ptr), "r"(v.x), "r"(v.y));
+  } else {
+    static_assert(BYTES == 4, "a thread's vector of a side is 16, 8 or 4 bytes");
+    asm volatile("st.global.b32 [%0], %1;" : : "l"(ptr), "r"(v.x));
+  }
+}
+
+// A thread's V elements of type E of one row if the row counts (`valid`), else zeros.
+// ALIGNED: one vector load (the host checked that every layer's vectors are aligned and inside
+// their rows); else element by element, 0 past d.
+template <typename E, int V, bool ALIGNED>
+__device__ __forceinline__ RowBits load_row(const Bits<E>* __restrict__ row, int64_t col,
+                                            int64_t d, bool valid) {
+  if (ALIGNED) return load_if<V * sizeof(Bits<E>)>(row + col, valid);
+  RowBits v = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (valid && col + k < d) set_element<E>(v, k, __ldg(row + col + k));
+  }
+  return v;
+}
+
+template <typename E, int V, bool ALIGNED>
+__device__ __forceinline__ void store_row(Bits<E>* __restrict__ row, int64_t col, int64_t d,
                                           const RowBits& v) {
   if (ALIGNED) {
-    store16(row + col, v);
+    store<V * sizeof(Bits<E>)>(row + col, v);
   } else {
 #pragma unroll
-    for (int k = 0; k < kVec<T>; ++k) {
-      if (col + k < d) row[col + k] = element<T>(v, k);
+    for (int k = 0; k < V; ++k) {
+      if (col + k < d) row[col + k] = element<E>(v, k);
     }
   }
 }
@@ -188,44 +220,48 @@ __device__ __forceinline__ int num_items(const LaunchShape& shape) {
 
 // One thread's moments of its V dims over a chunk: one count (the mask is per row, so every
 // dim of a thread sees the same rows), per dim the pivoted mean pair and M2, and sum (S-T)^2.
-template <typename T>
+template <typename acc, int V>
 struct ThreadMoments {
-  Acc<T> count;
-  Acc<T> pivot[kVec<T>], offset[kVec<T>], m2[kVec<T>], squared_error[kVec<T>];
+  acc count;
+  acc pivot[V], offset[V], m2[V], squared_error[V];
 };
+
+// Element k of row i of a side, widened to the pair's accumulator (exactly).
+template <typename E, typename acc>
+__device__ __forceinline__ acc value(const RowBits& row, int k) {
+  return acc(Traits<E>::to_acc(element<E>(row, k)));
+}
 
 // Adds one tile (the thread's R rows, `valid` of them counting) to `mom`: exact two-pass
 // stats around the tile's first valid row, then Chan's merge.
-template <typename T>
+template <typename Student, typename Teacher, typename acc, int V>
 __device__ __forceinline__ void add_tile(const RowBits (&s)[R], const RowBits (&t)[R],
-                                         const bool (&valid)[R], ThreadMoments<T>& mom) {
-  using acc = Acc<T>;
-  using Tr = Traits<T>;
+                                         const bool (&valid)[R], ThreadMoments<acc, V>& mom) {
   int n_valid = 0;
 #pragma unroll
   for (int i = 0; i < R; ++i) n_valid += valid[i];
   if (n_valid == 0) return;
 #pragma unroll
-  for (int k = 0; k < kVec<T>; ++k) {
+  for (int k = 0; k < V; ++k) {
     // The first valid row's value, selected with constant indices: t[first][k] with a
     // run-time `first` would put the tile in local memory.
     acc pivot = 0;
 #pragma unroll
-    for (int i = R - 1; i >= 0; --i) pivot = valid[i] ? Tr::to_acc(element<T>(t[i], k)) : pivot;
+    for (int i = R - 1; i >= 0; --i) pivot = valid[i] ? value<Teacher, acc>(t[i], k) : pivot;
     acc sum = 0;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       if (!valid[i]) continue;
-      const acc e = Tr::to_acc(element<T>(s[i], k)) - Tr::to_acc(element<T>(t[i], k));
+      const acc e = value<Student, acc>(s[i], k) - value<Teacher, acc>(t[i], k);
       mom.squared_error[k] += e * e;
-      sum += Tr::to_acc(element<T>(t[i], k)) - pivot;
+      sum += value<Teacher, acc>(t[i], k) - pivot;
     }
     const acc mean = sum / acc(n_valid);
     acc m2 = 0;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       if (!valid[i]) continue;
-      const acc dev = (Tr::to_acc(element<T>(t[i], k)) - pivot) - mean;
+      const acc dev = (value<Teacher, acc>(t[i], k) - pivot) - mean;
       m2 += dev * dev;
     }
     Moments<acc> merged{mom.count, mom.pivot[k], mom.offset[k], mom.m2[k]};
@@ -238,13 +274,13 @@ __device__ __forceinline__ void add_tile(const RowBits (&s)[R], const RowBits (&
 }
 
 // A thread's rows of one chunk: per tile, every valid row's S and T vectors are requested
-// before any is used (2 R independent 16-byte loads in flight when ALIGNED).
-template <typename T, bool HAS_MASK, bool ALIGNED>
+// before any is used (2 R independent vector loads in flight when ALIGNED).
+template <typename Student, typename Teacher, bool HAS_MASK, bool ALIGNED, typename acc, int V>
 __device__ __forceinline__ void chunk_stats(const LayerParams& p, const LaunchShape& shape,
                                             int64_t row0, int64_t col,
-                                            const Bits<T>* __restrict__ S,
-                                            const Bits<T>* __restrict__ Tt,
-                                            ThreadMoments<T>& mom) {
+                                            const Bits<Student>* __restrict__ S,
+                                            const Bits<Teacher>* __restrict__ Tt,
+                                            ThreadMoments<acc, V>& mom) {
   int64_t r0 = row0 + threadIdx.y * R;
   bool valid[R];
   row_flags<HAS_MASK>(p, r0, valid);
@@ -252,25 +288,25 @@ __device__ __forceinline__ void chunk_stats(const LayerParams& p, const LaunchSh
     RowBits s[R], t[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      s[i] = load_row<T, ALIGNED>(S + (r0 + i) * p.student_row, col, p.d, valid[i]);
-      t[i] = load_row<T, ALIGNED>(Tt + (r0 + i) * p.teacher_row, col, p.d, valid[i]);
+      s[i] = load_row<Student, V, ALIGNED>(S + (r0 + i) * p.student_row, col, p.d, valid[i]);
+      t[i] = load_row<Teacher, V, ALIGNED>(Tt + (r0 + i) * p.teacher_row, col, p.d, valid[i]);
     }
     bool now[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) now[i] = valid[i];
     row_flags<HAS_MASK>(p, r0 + kTileRows, valid);
-    add_tile<T>(s, t, now, mom);
+    add_tile<Student, Teacher>(s, t, now, mom);
   }
 }
 
 // ALIGNED instances hold a tile of packed vectors in at most 128 registers (2 CTAs per SM);
 // the element-wise ones, for unaligned or ragged layers, may take more (1 CTA per SM).
-template <typename T, bool HAS_MASK, bool ALIGNED>
+template <typename Student, typename Teacher, bool HAS_MASK, bool ALIGNED>
 __global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
     stats_kernel(const LayerParams* __restrict__ layers, LaunchShape shape,
-                 Acc<T>* __restrict__ partials) {
-  using acc = Acc<T>;
-  constexpr int V = kVec<T>;
+                 Accumulator<Student, Teacher>* __restrict__ partials) {
+  using acc = Accumulator<Student, Teacher>;
+  constexpr int V = kVec<Student, Teacher>;
   constexpr int kBlockD = kDimThreads * V;
   __shared__ acc shared[kRowGroups][kMomentFields][kBlockD];
   const int items = num_items(shape);
@@ -280,15 +316,17 @@ __global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
     if (item.row0 >= p.n || item.col0 >= p.d) continue;  // the whole CTA: no barrier skipped
     const int64_t col = item.col0 + threadIdx.x * V;
     const bool active = col < p.d;
-    ThreadMoments<T> mom;
+    ThreadMoments<acc, V> mom;
     mom.count = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       mom.pivot[k] = mom.offset[k] = mom.m2[k] = mom.squared_error[k] = 0;
     }
-    const auto* S = static_cast<const Bits<T>*>(p.student);
-    const auto* Tt = static_cast<const Bits<T>*>(p.teacher);
-    if (active) chunk_stats<T, HAS_MASK, ALIGNED>(p, shape, item.row0, col, S, Tt, mom);
+    const auto* S = static_cast<const Bits<Student>*>(p.student);
+    const auto* Tt = static_cast<const Bits<Teacher>*>(p.teacher);
+    if (active) {
+      chunk_stats<Student, Teacher, HAS_MASK, ALIGNED>(p, shape, item.row0, col, S, Tt, mom);
+    }
 
     // Row groups merge in order 0, 1, ..., kRowGroups - 1 through shared memory.
 #pragma unroll
@@ -405,23 +443,21 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // A thread's rows of one chunk in the backward: every valid row's S and T vectors of a batch
-// are requested before any is used, then the batch's dS (and dT) rows are stored (16-byte
+// are requested before any is used, then the batch's dS (and dT) rows are stored (vector
 // stores when ALIGNED). A batch is the whole tile when ALIGNED and one row on the
 // element-wise path, whose loads would not fit the registers of a tile (rows are
 // independent here: the results do not depend on the batch). Masked rows are not read and
-// get zeros.
-template <typename T, bool HAS_MASK, bool NEED_DT, bool ALIGNED>
+// get zeros. dS is written in the student's element type, dT in the teacher's.
+template <typename Student, typename Teacher, bool HAS_MASK, bool NEED_DT, bool ALIGNED,
+          typename acc, int V>
 __device__ __forceinline__ void chunk_grads(const LayerParams& p, const LaunchShape& shape,
                                             int64_t row0, int64_t col,
-                                            const Bits<T>* __restrict__ S,
-                                            const Bits<T>* __restrict__ Tt,
-                                            Bits<T>* __restrict__ dS, Bits<T>* __restrict__ dT,
-                                            const Acc<T> (&coef_s)[kVec<T>],
-                                            const Acc<T> (&coef_t)[kVec<T>],
-                                            const Acc<T> (&pivot)[kVec<T>],
-                                            const Acc<T> (&mean)[kVec<T>]) {
-  using acc = Acc<T>;
-  using Tr = Traits<T>;
+                                            const Bits<Student>* __restrict__ S,
+                                            const Bits<Teacher>* __restrict__ Tt,
+                                            Bits<Student>* __restrict__ dS,
+                                            Bits<Teacher>* __restrict__ dT,
+                                            const acc (&coef_s)[V], const acc (&coef_t)[V],
+                                            const acc (&pivot)[V], const acc (&mean)[V]) {
   constexpr int kBatch = ALIGNED ? R : 1;
   int64_t r0 = row0 + threadIdx.y * R;
   bool valid[R];
@@ -436,8 +472,10 @@ __device__ __forceinline__ void chunk_grads(const LayerParams& p, const LaunchSh
       RowBits s[kBatch], t[kBatch];
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        s[i] = load_row<T, ALIGNED>(S + (r0 + b + i) * p.student_row, col, p.d, now[b + i]);
-        t[i] = load_row<T, ALIGNED>(Tt + (r0 + b + i) * p.teacher_row, col, p.d, now[b + i]);
+        s[i] = load_row<Student, V, ALIGNED>(S + (r0 + b + i) * p.student_row, col, p.d,
+                                             now[b + i]);
+        t[i] = load_row<Teacher, V, ALIGNED>(Tt + (r0 + b + i) * p.teacher_row, col, p.d,
+                                             now[b + i]);
       }
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
@@ -445,29 +483,29 @@ __device__ __forceinline__ void chunk_grads(const LayerParams& p, const LaunchSh
         if (r >= p.n) break;
         RowBits ds = make_uint4(0, 0, 0, 0), dt = make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int k = 0; k < kVec<T>; ++k) {
+        for (int k = 0; k < V; ++k) {
           acc ds_k = 0, dt_k = 0;
           if (now[b + i]) {
-            const acc tk = Tr::to_acc(element<T>(t[i], k));
-            ds_k = coef_s[k] * (Tr::to_acc(element<T>(s[i], k)) - tk);
+            const acc tk = value<Teacher, acc>(t[i], k);
+            ds_k = coef_s[k] * (value<Student, acc>(s[i], k) - tk);
             dt_k = coef_t[k] * ((tk - pivot[k]) - mean[k]) - ds_k;
           }
-          set_element<T>(ds, k, Tr::from_acc(ds_k));
-          set_element<T>(dt, k, Tr::from_acc(dt_k));
+          set_element<Student>(ds, k, Traits<Student>::from_acc(ds_k));
+          set_element<Teacher>(dt, k, Traits<Teacher>::from_acc(dt_k));
         }
-        store_row<T, ALIGNED>(dS + r * p.d, col, p.d, ds);
-        if (NEED_DT) store_row<T, ALIGNED>(dT + r * p.d, col, p.d, dt);
+        store_row<Student, V, ALIGNED>(dS + r * p.d, col, p.d, ds);
+        if (NEED_DT) store_row<Teacher, V, ALIGNED>(dT + r * p.d, col, p.d, dt);
       }
     }
   }
 }
 
-template <typename T, bool HAS_MASK, bool NEED_DT, bool ALIGNED>
+template <typename Student, typename Teacher, bool HAS_MASK, bool NEED_DT, bool ALIGNED>
 __global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
     backward_kernel(const LayerParams* __restrict__ layers, LaunchShape shape,
                     const double* __restrict__ grads, const double* __restrict__ dim_stats) {
-  using acc = Acc<T>;
-  constexpr int V = kVec<T>;
+  using acc = Accumulator<Student, Teacher>;
+  constexpr int V = kVec<Student, Teacher>;
   const int items = num_items(shape);
   for (int w = blockIdx.x; w < items; w += gridDim.x) {
     const Item item = item_at(shape, w, kDimThreads * V);
@@ -485,12 +523,13 @@ __global__ void __launch_bounds__(kBlockThreads, ALIGNED ? kMinBlocksPerSM : 1)
       pivot[k] = acc(stats[kPivot * shape.max_d + j]);
       mean[k] = acc(stats[kPivotOffset * shape.max_d + j]);
     }
-    const auto* S = static_cast<const Bits<T>*>(p.student);
-    const auto* Tt = static_cast<const Bits<T>*>(p.teacher);
-    auto* dS = static_cast<Bits<T>*>(p.grad_student);
-    auto* dT = static_cast<Bits<T>*>(p.grad_teacher);
-    chunk_grads<T, HAS_MASK, NEED_DT, ALIGNED>(p, shape, item.row0, col, S, Tt, dS, dT, coef_s,
-                                                coef_t, pivot, mean);
+    const auto* S = static_cast<const Bits<Student>*>(p.student);
+    const auto* Tt = static_cast<const Bits<Teacher>*>(p.teacher);
+    auto* dS = static_cast<Bits<Student>*>(p.grad_student);
+    auto* dT = static_cast<Bits<Teacher>*>(p.grad_teacher);
+    chunk_grads<Student, Teacher, HAS_MASK, NEED_DT, ALIGNED>(p, shape, item.row0, col, S, Tt,
+                                                              dS, dT, coef_s, coef_t, pivot,
+                                                              mean);
   }
 }
 
@@ -501,44 +540,44 @@ const void* entry(F* kernel) {
 
 // The hot kernel instance of a variant: one selection for the occupancy query of the plan
 // and for the launch.
-template <typename T>
+template <typename Student, typename Teacher>
 const void* hot_kernel_typed(const KernelVariant& v) {
   if (v.pass == Pass::kStats) {
     const void* const stats[2][2] = {
-        {entry(stats_kernel<T, false, false>), entry(stats_kernel<T, false, true>)},
-        {entry(stats_kernel<T, true, false>), entry(stats_kernel<T, true, true>)}};
+        {entry(stats_kernel<Student, Teacher, false, false>),
+         entry(stats_kernel<Student, Teacher, false, true>)},
+        {entry(stats_kernel<Student, Teacher, true, false>),
+         entry(stats_kernel<Student, Teacher, true, true>)}};
     return stats[v.has_mask][v.aligned];
   }
   const void* const backward[2][2][2] = {
-      {{entry(backward_kernel<T, false, false, false>),
-        entry(backward_kernel<T, false, false, true>)},
-       {entry(backward_kernel<T, false, true, false>),
-        entry(backward_kernel<T, false, true, true>)}},
-      {{entry(backward_kernel<T, true, false, false>),
-        entry(backward_kernel<T, true, false, true>)},
-       {entry(backward_kernel<T, true, true, false>),
-        entry(backward_kernel<T, true, true, true>)}}};
+      {{entry(backward_kernel<Student, Teacher, false, false, false>),
+        entry(backward_kernel<Student, Teacher, false, false, true>)},
+       {entry(backward_kernel<Student, Teacher, false, true, false>),
+        entry(backward_kernel<Student, Teacher, false, true, true>)}},
+      {{entry(backward_kernel<Student, Teacher, true, false, false>),
+        entry(backward_kernel<Student, Teacher, true, false, true>)},
+       {entry(backward_kernel<Student, Teacher, true, true, false>),
+        entry(backward_kernel<Student, Teacher, true, true, true>)}}};
   return backward[v.has_mask][v.need_teacher_grad][v.aligned];
 }
 
 const void* hot_kernel(const KernelVariant& v) {
-  switch (v.dtype) {
-    case DType::kFloat16: return hot_kernel_typed<__half>(v);
-    case DType::kBFloat16: return hot_kernel_typed<__nv_bfloat16>(v);
-    case DType::kFloat32: return hot_kernel_typed<float>(v);
-    case DType::kFloat64: return hot_kernel_typed<double>(v);
-  }
-  return nullptr;
+  return dispatch_dtypes<CudaElements>(v.student, v.teacher, [&](auto s, auto t) {
+    return hot_kernel_typed<type_of<decltype(s)>, type_of<decltype(t)>>(v);
+  });
 }
 
 int element_size(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-    case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
-  }
-  return 0;
+  return dispatch_dtype<CudaElements>(
+      dtype, [](auto e) { return static_cast<int>(sizeof(type_of<decltype(e)>)); });
+}
+
+// Bytes of a pair's promoted type, on the host: its dim blocks (plan_launch) and vectors (kVec).
+int promoted_size(DType student, DType teacher) {
+  return dispatch_dtypes<CudaElements>(student, teacher, [](auto s, auto t) {
+    return static_cast<int>(sizeof(Promoted<type_of<decltype(s)>, type_of<decltype(t)>>));
+  });
 }
 
 cudaError_t launch_hot(const KernelVariant& v, const LaunchShape& shape, void** args,
@@ -547,19 +586,23 @@ cudaError_t launch_hot(const KernelVariant& v, const LaunchShape& shape, void** 
                           dim3(kDimThreads, kRowGroups), args, 0, stream);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
 
 }  // namespace
 
-bool vector_aligned(const LayerParams* host_layers, int num_layers, DType dtype, Pass pass) {
-  const int64_t vec = 16 / element_size(dtype);
+bool vector_aligned(const LayerParams* host_layers, int num_layers, DType student,
+                    DType teacher, Pass pass) {
+  const int64_t vec = 16 / promoted_size(student, teacher);
+  const int64_t s_bytes = vec * element_size(student), t_bytes = vec * element_size(teacher);
   for (int l = 0; l < num_layers; ++l) {
     const LayerParams& p = host_layers[l];
-    bool ok = aligned16(p.student) && aligned16(p.teacher) && p.d % vec == 0 &&
-              p.student_row % vec == 0 && p.teacher_row % vec == 0;
+    bool ok = aligned_to(p.student, s_bytes) && aligned_to(p.teacher, t_bytes) &&
+              p.d % vec == 0 && p.student_row % vec == 0 && p.teacher_row % vec == 0;
     if (pass == Pass::kBackward) {
-      ok = ok && aligned16(p.grad_student) &&
-           (p.grad_teacher == nullptr || aligned16(p.grad_teacher));
+      ok = ok && aligned_to(p.grad_student, s_bytes) &&
+           (p.grad_teacher == nullptr || aligned_to(p.grad_teacher, t_bytes));
     }
     if (!ok) return false;
   }
@@ -574,7 +617,9 @@ cudaError_t plan_device_launch(const KernelVariant& variant, int64_t max_n, int6
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hot_kernel(variant),
                                                       kBlockThreads, 0);
   if (err != cudaSuccess) return err;
-  *shape = plan_launch(max_n, max_d, num_layers, element_size(variant.dtype), sms, per_sm);
+  // The promoted call's dim blocks and chunks, hence its bits.
+  *shape = plan_launch(max_n, max_d, num_layers, promoted_size(variant.student, variant.teacher),
+                       sms, per_sm);
   const int64_t items = shape->num_layers * shape->dim_blocks * shape->num_chunks;
   return items <= INT32_MAX ? cudaSuccess : cudaErrorInvalidValue;
 }
@@ -588,13 +633,11 @@ cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape,
   cudaError_t err = launch_hot(variant, shape, args, stream);
   if (err != cudaSuccess) return err;
   const dim3 merge_grid(static_cast<unsigned>((shape.max_d + 255) / 256), shape.num_layers);
-  if (variant.dtype == DType::kFloat64) {
-    merge_chunks_kernel<double><<<merge_grid, 256, 0, stream>>>(
-        layers, shape, static_cast<const double*>(partials), dim_stats);
-  } else {
-    merge_chunks_kernel<float><<<merge_grid, 256, 0, stream>>>(
-        layers, shape, static_cast<const float*>(partials), dim_stats);
-  }
+  dispatch_dtypes<CudaElements>(variant.student, variant.teacher, [&](auto s, auto t) {
+    using acc = Accumulator<type_of<decltype(s)>, type_of<decltype(t)>>;
+    merge_chunks_kernel<acc><<<merge_grid, 256, 0, stream>>>(
+        layers, shape, static_cast<const acc*>(partials), dim_stats);
+  });
   finalize_kernel<<<shape.num_layers, kFinalizeThreads, 0, stream>>>(layers, shape, power, eps,
                                                                       dim_stats, losses);
   return cudaGetLastError();

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../include/dtype_pairs.h"
 #include "../include/eofd_params.h"
 #include "launch_params.h"
 
@@ -11,16 +12,19 @@ namespace eofd {
 // Which instance of a hot kernel a call runs.
 struct KernelVariant {
   Pass pass;
-  DType dtype;
+  DType student, teacher;  // the pair's element types (include/dtype_pairs.h)
   bool has_mask;           // some layer has a mask
   bool need_teacher_grad;  // backward: dT too
-  bool aligned;            // vector_aligned: 16-byte loads and stores
+  bool aligned;            // vector_aligned: whole-vector loads and stores
 };
 
-// Whether every layer of a call takes 16-byte vectors: S and T (and, for the backward, dS and
-// dT) 16-byte aligned, d and the row strides multiples of the vector. One test per call, as
-// the Triton launcher's ALIGNED: the kernels then need no per-row or per-thread test.
-bool vector_aligned(const LayerParams* host_layers, int num_layers, DType dtype, Pass pass);
+// Whether every layer of a call takes whole vectors (a thread's dims of a row: 16 bytes of the
+// pair's promoted type, its count of elements of each side): S and T (and, for the backward,
+// dS and dT) aligned to their vector's bytes, d and the row strides multiples of the vector.
+// One test per call, as the Triton launcher's ALIGNED: the kernels then need no per-row or
+// per-thread test.
+bool vector_aligned(const LayerParams* host_layers, int num_layers, DType student,
+                    DType teacher, Pass pass);
 
 // The launch of a variant for a call on `device`: the grid heuristic of launch_params.h
 // (plan_launch) with the CTAs per SM the selected kernel's registers allow.
@@ -28,7 +32,8 @@ cudaError_t plan_device_launch(const KernelVariant& variant, int64_t max_n, int6
                                int num_layers, int device, LaunchShape* shape);
 
 // layers: device array of num_layers LayerParams. partials: device workspace of
-// num_layers * num_chunks * kMomentFields * max_d accumulators (double for kFloat64, else float).
+// num_layers * num_chunks * kMomentFields * max_d accumulators (the pair's Accumulator: double
+// when a side is kFloat64, else float).
 // dim_stats: (L, kDimFields, max_d) double; losses: (L,) double.
 cudaError_t launch_forward(const LayerParams* layers, const LaunchShape& shape,
                            const KernelVariant& variant, double power, double eps,

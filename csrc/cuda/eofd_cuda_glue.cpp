@@ -14,16 +14,6 @@
 namespace eofd {
 namespace {
 
-DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK(false, "eofd_ext: unsupported dtype ", t);
-  }
-}
-
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "eofd_ext: CUDA launch failed: ", cudaGetErrorString(err));
 }
@@ -33,13 +23,13 @@ bool any_mask(const LayerTable& table) {
                      [](const LayerParams& p) { return p.mask != nullptr; });
 }
 
-// The kernel instance of a call: from its dtype, masks and pointers (for the backward, with
-// the outputs already in the table).
+// The kernel instance of a call: from its pair of dtypes, masks and pointers (for the
+// backward, with the outputs already in the table).
 KernelVariant kernel_variant(const LayerTable& table, Pass pass, bool need_teacher_grad) {
-  const DType dtype = kernel_dtype(table.dtype);
-  return KernelVariant{pass, dtype, any_mask(table), need_teacher_grad,
+  const DType student = table.student_element, teacher = table.teacher_element;
+  return KernelVariant{pass, student, teacher, any_mask(table), need_teacher_grad,
                        vector_aligned(table.layers.data(), static_cast<int>(table.layers.size()),
-                                      dtype, pass)};
+                                      student, teacher, pass)};
 }
 
 // From shapes and the device alone, so the reduction order (the bits) never varies.
@@ -73,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   const KernelVariant variant = kernel_variant(table, Pass::kStats, false);
   const LaunchShape shape = launch_shape(table, variant, students[0].device());
   const auto options = students[0].options();
-  const auto acc = table.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = table.accumulator_dtype();
   at::Tensor partials = at::empty(
       {shape.num_layers * shape.num_chunks * kMomentFields * shape.max_d}, options.dtype(acc));
   at::Tensor dim_stats = at::empty({shape.num_layers, kDimFields, shape.max_d},

@@ -9,9 +9,6 @@
 
 namespace eofd {
 
-// Element type of a call's hidden states (the CUDA launchers take no torch types).
-enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
-
 // Which hot kernel a launch runs.
 enum class Pass : int { kStats, kBackward };
 
@@ -27,7 +24,8 @@ constexpr int kMinBlocksPerSM = 2;
 // merge through shared memory), in tiles: what a finer chunking pays per extra item.
 constexpr int64_t kItemOverheadTiles = 1;
 
-// Dims of one work item (one 16-byte vector per thread along x).
+// Dims of one work item (one 16-byte vector per thread along x; element_size: of the pair's
+// promoted type).
 constexpr int64_t block_dims(int element_size) { return int64_t(kDimThreads) * (16 / element_size); }
 
 // A launch of the stats or backward kernel. Its work items are (layer, block of dims, chunk of

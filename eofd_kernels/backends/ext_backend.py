@@ -37,12 +37,21 @@ def grad_group_bytes() -> int:
 
 
 def _sides(batch):
-    """Students and teachers in one common dtype: the C++ kernels read one element type."""
-    layers = promote_layers(batch.students + batch.teachers)
-    return layers[:batch.num_layers], layers[batch.num_layers:]
+    """Students and teachers as the kernels read them: each side in its own dtype (the kernels
+    are instances for the pair, and write dS in the student's dtype, dT in the teacher's); the
+    layers of one side in one common dtype, a copy only where they differ."""
+    return promote_layers(batch.students), promote_layers(batch.teachers)
+
+
+def _own_dtypes(grads, layers):
+    """Each layer's gradient in its own dtype: a no-op (no copy) unless its side was
+    promoted."""
+    return [d.to(x.dtype) for d, x in zip(grads, layers)]
 
 
 class ExtBackend(Backend):
+    """Each side in its own dtype, as the Triton backend (docs/design.md, "Numerics")."""
+
     name = "ext"
 
     def forward(self, batch, power, eps):
@@ -53,9 +62,7 @@ class ExtBackend(Backend):
         students, teachers = _sides(batch)
         d_students, d_teachers = torch.ops.eofd_ext.backward(
             grad_losses, students, teachers, batch.masks, dim_stats, need_teacher_grad)
-        # Back to each side's own dtype where the kernels read a promoted copy.
-        return ([d.to(s.dtype) for d, s in zip(d_students, batch.students)],
-                [d.to(t.dtype) for d, t in zip(d_teachers, batch.teachers)])
+        return _own_dtypes(d_students, batch.students), _own_dtypes(d_teachers, batch.teachers)
 
     def offers_forward_and_grad(self, batch):
         """An eager CPU training call with a frozen teacher: the forward can write dS while
@@ -69,4 +76,4 @@ class ExtBackend(Backend):
         students, teachers = _sides(batch)
         losses, dim_stats, d_students = torch.ops.eofd_ext.forward_and_grad(
             students, teachers, batch.masks, power, eps, grads, grad_group_bytes())
-        return losses, dim_stats, [d.to(s.dtype) for d, s in zip(d_students, batch.students)]
+        return losses, dim_stats, _own_dtypes(d_students, batch.students)
