@@ -230,3 +230,33 @@ def test_op_refuses_a_dtype_the_kernels_lack():
                                            "got Int"):
         torch.ops.eofd_ext.forward(batch.students, [t.int() for t in batch.teachers],
                                    batch.masks, 0.5, 0.0)
+
+
+def test_ops_pass_opcheck_with_a_mixed_pair():
+    """The fake impls agree with the kernels on every output's dtype for a mixed pair."""
+    batch = prepare_layers(*_layers(CASES[3], torch.bfloat16, torch.float32, "cpu"))
+    args = (batch.students, batch.teachers, batch.masks, 0.5, 0.0)
+    grads = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    ops = torch.ops.eofd_ext
+    torch.library.opcheck(ops.forward.default, args)
+    torch.library.opcheck(ops.forward_and_grad.default, (*args, grads, 1 << 20))
+    dim_stats = ops.forward(*args)[1]
+    torch.library.opcheck(ops.backward.default, (grads, *args[:3], dim_stats, True))
+
+
+def test_compiled_mixed_pair_matches_eager():
+    """torch.compile(fullgraph=True) traces a mixed pair (the fakes' dtypes) to the eager bits."""
+    students, teachers, masks = _layers(CASES[3], torch.bfloat16, torch.float32, "cpu")
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(ss, ts):
+        return ek.eofd_loss(ss, ts, mask=masks, reduction="none", backend="ext")
+
+    ss = [s.detach().requires_grad_() for s in students]
+    ts = [t.detach().requires_grad_() for t in teachers]
+    losses = step(ss, ts)
+    grads = torch.autograd.grad(losses, ss + ts, torch.ones_like(losses))
+    want_loss, want_ds, want_dt = run_backend("ext", students, teachers, masks)
+    for g, w in zip([losses.detach(), *grads], [want_loss, *want_ds, *want_dt]):
+        _bitwise(g, w)
