@@ -137,11 +137,9 @@ def _layer(x, w, b, t, valid, stats, power: float, eps: float, chunk_rows: int, 
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         x_c, valid_c = x[rows], None if valid is None else valid[rows]
-        s_c = F.linear(x_c, w, b)
-        if not s_c.dtype == t.dtype == acc:  # one accumulation dtype for both sides
-            s_c, t_c = s_c.to(acc), t[rows].to(acc)
-        else:
-            t_c = t[rows]
+        # The student's chunk in the accumulation dtype: its dS feeds dX, dW and db, summed in
+        # acc. The teacher's is read in its own dtype (every backend takes each side's).
+        s_c, t_c = F.linear(x_c, w, b).to(acc), t[rows]
         chunk_squared_error, d_s = _chunk(backend, layer_stats, s_c, t_c, valid_c, power)
         squared_error += chunk_squared_error
         if grads is not None:
