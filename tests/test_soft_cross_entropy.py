@@ -116,12 +116,16 @@ def test_nans_and_empty_masks(small_chunks, call):
     assert torch.isnan(empty) and torch.all(grad == 0)
 
 
-def _saved_bytes(fn) -> int:
+def _saved_new_bytes(fn, *inputs) -> int:
+    """Bytes the graph of ``fn()`` saves for backward beyond the inputs themselves (a saved
+    input is a reference, not memory)."""
+    held = {t.untyped_storage().data_ptr() for t in inputs}
     total = 0
 
     def pack(tensor):
         nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        if tensor.untyped_storage().data_ptr() not in held:
+            total += tensor.numel() * tensor.element_size()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -130,32 +134,39 @@ def _saved_bytes(fn) -> int:
 
 
 def test_chunked_path_keeps_one_logits_sized_tensor_for_backward():
+    """Beyond references to its inputs, the graph holds the gradient formed in the forward."""
     g = torch.Generator().manual_seed(2)
     s = torch.randn(4, 16, 500, generator=g, dtype=torch.bfloat16).requires_grad_()
     t = torch.randn(4, 16, 500, generator=g, dtype=torch.bfloat16)
     logits_bytes = s.numel() * s.element_size()
-    assert _saved_bytes(lambda: soft_cross_entropy(s, t)) == logits_bytes
+    losses = []
+    assert _saved_new_bytes(lambda: losses.append(soft_cross_entropy(s, t)), s, t) == 0
+    # ... and the gradient it formed, the one tensor its graph node holds.
+    held = [v for v in vars(losses[0].grad_fn).values() if torch.is_tensor(v)]
+    assert sum(v.numel() * v.element_size() for v in held) == logits_bytes
     # The plain formula keeps float32 copies and both distributions (several times as much).
-    assert _saved_bytes(lambda: soft_cross_entropy_eager(s, t)) >= 4 * logits_bytes
+    assert _saved_new_bytes(lambda: soft_cross_entropy_eager(s, t), s, t) >= 4 * logits_bytes
 
 
-def test_a_second_backward_through_a_retained_graph_is_an_error():
-    """The gradient is scaled in place by the first backward: a second one would be wrong, so
-    it is refused; the first is the plain formula's."""
+def test_a_retained_graph_backpropagates_twice_alike(small_chunks):
+    """The first backward scales the saved gradient in place; the second recomputes."""
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(3, 11, generator=g).requires_grad_(), torch.randn(3, 11, generator=g)
-    loss = soft_cross_entropy(s, t) * 3.0
+    mask = torch.tensor([True, False, True])
+    loss = soft_cross_entropy(s, t, mask=mask) * 3.0
     loss.backward(retain_graph=True)
+    first = s.grad.clone()
     leaf = s.detach().requires_grad_()
-    (want,) = torch.autograd.grad(soft_cross_entropy_eager(leaf, t) * 3.0, leaf)
-    torch.testing.assert_close(s.grad, want, rtol=2e-6, atol=1e-9)
-    with pytest.raises(RuntimeError, match="second backward"):
-        loss.backward()
+    (want,) = torch.autograd.grad(soft_cross_entropy_eager(leaf, t, mask=mask) * 3.0, leaf)
+    torch.testing.assert_close(first, want, rtol=2e-6, atol=1e-9)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first, rtol=2e-6, atol=1e-9)
 
 
-def test_teacher_with_grad_and_second_order():
-    """A teacher whose logits require grad gets its gradient (the plain formula); the chunked
-    path refuses a second derivative instead of returning a wrong one."""
+@pytest.mark.parametrize("kind", ["full", "top-k"])
+def test_teacher_with_grad_and_second_order(small_chunks, kind):
+    """A teacher whose logits require grad gets its gradient (the plain formula); a second
+    derivative through the chunked path is the plain formula's (recomputed), in float64."""
     g = torch.Generator().manual_seed(4)
     s64, t64 = _logits(g, (3, 11)), _logits(g, (3, 11))
     s, t = s64.float().requires_grad_(), t64.float().requires_grad_()
@@ -164,7 +175,15 @@ def test_teacher_with_grad_and_second_order():
     want = torch.autograd.grad(soft_cross_entropy_eager(s64, t64, temperature=2.0), (s64, t64))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=1e-8)
-    leaf = s64.detach().float().requires_grad_()
-    with pytest.raises(RuntimeError, match="soft_cross_entropy_eager"):
-        torch.autograd.grad(soft_cross_entropy(leaf, t64.detach().float()), leaf,
-                            create_graph=True)
+    student, teacher = _case(kind, g)
+    mask = torch.rand(2, 7, generator=g) > 0.3
+
+    def grad_norm(call):
+        leaf = student.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(call(leaf, teacher, temperature=1.5, mask=mask), leaf,
+                                      create_graph=True)
+        (second,) = torch.autograd.grad((grad**2).sum(), leaf)
+        return second
+
+    torch.testing.assert_close(grad_norm(soft_cross_entropy),
+                               grad_norm(soft_cross_entropy_eager), rtol=1e-12, atol=1e-15)

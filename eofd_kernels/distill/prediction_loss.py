@@ -17,10 +17,11 @@ one row-by-vocabulary tensor beyond the logits and reads the logits once; the ch
 temporaries stay small (:func:`_rows_per_chunk`). docs/performance.md, "Whole training step",
 has what this does to a GPT-2 step.
 
-The chunked path is first-order and backpropagates once (``create_graph=True``, or a second
-backward through a graph kept with ``retain_graph=True``, is a clear error), and needs
-a teacher without grad (the usual frozen teacher); a teacher whose logits require grad takes
-the plain formula. Masked rows read as zeros in both: a NaN there reaches no gradient.
+Double backward follows the loss's one rule: a second derivative (``create_graph=True``), or
+a second backward through a graph kept with ``retain_graph=True`` (the first scaled the
+saved gradient in place), recomputes with the plain formula from the saved inputs. A teacher
+whose logits require grad takes the plain formula from the start. Masked rows read as zeros
+in both: a NaN there reaches no gradient.
 """
 
 from __future__ import annotations
@@ -98,16 +99,22 @@ def soft_cross_entropy_eager(student_logits: torch.Tensor,
     """The plain formula of :func:`soft_cross_entropy` (what a user writes; differentiable
     to any order and in the teacher's logits)."""
     _check(student_logits, teacher_logits, temperature, mask)
-    keep = None if mask is None else mask.to(torch.bool)
     top_k = isinstance(teacher_logits, TopKLogits)
-    values = teacher_logits.values if top_k else teacher_logits
+    return _plain_formula(student_logits, teacher_logits.values if top_k else teacher_logits,
+                          teacher_logits.indices if top_k else None,
+                          None if mask is None else mask.to(torch.bool), temperature)
+
+
+def _plain_formula(student, values, indices, keep, temperature: float) -> torch.Tensor:
+    """student ``(..., C)``; values ``(..., C)`` or top-k ``(..., k)`` with ``indices``; keep
+    the leading shape (bool) or None."""
     if keep is not None:  # masked rows read as zeros: a NaN there reaches no gradient
-        student_logits = student_logits.where(keep.unsqueeze(-1), 0.0)
+        student = student.where(keep.unsqueeze(-1), 0.0)
         values = values.where(keep.unsqueeze(-1), 0.0)
-    acc = _accumulation_dtype(student_logits)
-    log_p = torch.log_softmax(student_logits.to(acc) / temperature, dim=-1)
-    if top_k:
-        log_p = log_p.gather(-1, teacher_logits.indices)
+    acc = _accumulation_dtype(student)
+    log_p = torch.log_softmax(student.to(acc) / temperature, dim=-1)
+    if indices is not None:
+        log_p = log_p.gather(-1, indices)
     q = torch.softmax(values.to(acc) / temperature, dim=-1)
     per_row = -(q * log_p).sum(-1)
     if keep is None:
@@ -158,24 +165,26 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
             if keep is not None:  # a masked row contributes 0, even where its logits are NaN
                 g.masked_fill_(~keep[span].unsqueeze(-1), 0.0)
             grad[span] = g
-        if want_grad:
-            ctx.save_for_backward(grad)
-        ctx.scaled = False
+        # The gradient is an intermediate, kept on ctx (its backward scales it in place). The
+        # inputs are saved (references, no copies): a second derivative, or a second backward
+        # through a retained graph, recomputes with the plain formula.
+        ctx.save_for_backward(rows, teacher, indices, keep)
+        ctx.grad, ctx.temperature, ctx.scaled = grad, temperature, False
         if keep is None:
             return per_row.mean()
         return per_row.where(keep, 0.0).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():  # create_graph=True: the saved gradient is a constant
-            raise RuntimeError("soft_cross_entropy: its gradient is formed in the forward and "
-                               "has no derivative of its own; for a second derivative use "
-                               "soft_cross_entropy_eager")
-        if ctx.scaled:
-            raise RuntimeError("soft_cross_entropy: a second backward through one graph "
-                               "(retain_graph=True); its gradient was scaled in place by the "
-                               "first. Use soft_cross_entropy_eager for that")
-        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled() or ctx.scaled:
+            rows, teacher, indices, keep = ctx.saved_tensors
+            # create_graph=True needs a gradient with a graph of its own; a retained graph's
+            # second backward finds the saved gradient already scaled by the first.
+            with torch.enable_grad():
+                loss = _plain_formula(rows, teacher, indices, keep, ctx.temperature)
+                (recomputed,) = torch.autograd.grad(loss, rows, grad_loss,
+                                                    create_graph=torch.is_grad_enabled())
+            return recomputed, None, None, None, None
         # In place: a fresh logits-sized tensor per step is what this path avoids.
         ctx.scaled = True
-        return grad.mul_(grad_loss), None, None, None, None
+        return ctx.grad.mul_(grad_loss), None, None, None, None
