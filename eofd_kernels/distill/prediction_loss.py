@@ -180,10 +180,11 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
             rows, teacher, indices, keep = ctx.saved_tensors
             # create_graph=True needs a gradient with a graph of its own; a retained graph's
             # second backward finds the saved gradient already scaled by the first.
+            create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
                 loss = _plain_formula(rows, teacher, indices, keep, ctx.temperature)
                 (recomputed,) = torch.autograd.grad(loss, rows, grad_loss,
-                                                    create_graph=torch.is_grad_enabled())
+                                                    create_graph=create_graph)
             return recomputed, None, None, None, None
         # In place: a fresh logits-sized tensor per step is what this path avoids.
         ctx.scaled = True
