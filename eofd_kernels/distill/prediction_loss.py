@@ -26,6 +26,7 @@ in both: a NaN there reaches no gradient.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -83,13 +84,17 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     if torch.is_grad_enabled() and values.requires_grad:
         return soft_cross_entropy_eager(student_logits, teacher_logits,
                                         temperature=temperature, mask=mask)
-    classes = student_logits.shape[-1]
-    rows = student_logits.reshape(-1, classes)
-    keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+    count = math.prod(student_logits.shape[:-1])  # not -1: C may be 0
+
+    def as_rows(x):
+        return x.reshape(count, x.shape[-1])
+
+    keep = None if mask is None else mask.reshape(count).to(torch.bool)
+    # Evaluation (no grad, or a student without grad) forms no gradient.
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _ChunkedSoftCrossEntropy.apply(
-        rows, values.reshape(-1, values.shape[-1]),
-        teacher_logits.indices.reshape(-1, values.shape[-1]) if top_k else None, keep,
-        float(temperature))
+        as_rows(student_logits), as_rows(values),
+        as_rows(teacher_logits.indices) if top_k else None, keep, float(temperature), want_grad)
 
 
 def soft_cross_entropy_eager(student_logits: torch.Tensor,
@@ -134,18 +139,19 @@ def _rows_per_chunk(rows: torch.Tensor) -> int:
 
 class _ChunkedSoftCrossEntropy(torch.autograd.Function):
     """rows ``(R, C)``; teacher ``(R, C)`` or top-k values ``(R, k)`` with ``indices``;
-    keep ``(R,)`` bool or None; returns the 0-dim loss; dL/drows formed in the forward."""
+    keep ``(R,)`` bool or None; want_grad: form dL/drows (in the forward); returns the
+    0-dim loss."""
 
     @staticmethod
-    def forward(ctx, rows, teacher, indices, keep, temperature):
+    def forward(ctx, rows, teacher, indices, keep, temperature, want_grad):
         acc = _accumulation_dtype(rows)
         # The valid-row count stays a tensor: nothing is read back to the host.
         count = rows.shape[0] if keep is None else keep.sum()
-        # Each row's share of the mean, times the 1/tau of the softmax's derivative.
-        grad_scale = (1.0 / (rows.shape[0] * temperature) if keep is None
+        # Each row's share of the mean, times the 1/tau of the softmax's derivative (no rows:
+        # no gradient to scale, and the mean below is NaN).
+        grad_scale = (1.0 / (max(rows.shape[0], 1) * temperature) if keep is None
                       else (keep.to(acc) / (count * temperature)).unsqueeze(-1))
         per_row = torch.empty(rows.shape[0], dtype=acc, device=rows.device)
-        want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(rows) if want_grad else None
         step = _rows_per_chunk(rows)
         for start in range(0, rows.shape[0], step):
@@ -185,7 +191,12 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
                 loss = _plain_formula(rows, teacher, indices, keep, ctx.temperature)
                 (recomputed,) = torch.autograd.grad(loss, rows, grad_loss,
                                                     create_graph=create_graph)
-            return recomputed, None, None, None, None
-        # In place: a fresh logits-sized tensor per step is what this path avoids.
-        ctx.scaled = True
-        return ctx.grad.mul_(grad_loss), None, None, None, None
+            return recomputed, None, None, None, None, None
+        if torch.compiler.is_compiling():
+            # A traced backward is traced once, its branch on ctx.scaled with it: out of place
+            # (AOT functionalises this anyway, at no extra memory).
+            return ctx.grad * grad_loss, None, None, None, None, None
+        # In place: a fresh logits-sized tensor per step is what this path avoids. The node
+        # lets go of it: a later backward recomputes.
+        grad, ctx.grad, ctx.scaled = ctx.grad, None, True
+        return grad.mul_(grad_loss), None, None, None, None, None
