@@ -154,6 +154,10 @@ def _check_distill(args, device: torch.device) -> None:
     from .distill.corpus import stdlib_sentences
 
     p = args.command_parser
+    names = [f"{power:g}" for power in args.powers]  # each student is named by its p
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        p.error(f"argument --power: p = {repeated} given twice")
     if args.nproc > 1:
         _check_nproc(args, device)
         if args.batch_size % args.nproc:
@@ -247,6 +251,7 @@ def _check_nproc(args, device: torch.device) -> None:
 
 def _cache(args, argv: list[str]) -> int:
     from .distill.cache_job import CacheConfig, run_cache, with_head
+    from .distill.teacher_cache import CacheError
 
     p = args.command_parser
     if args.nproc > 1:
@@ -264,7 +269,14 @@ def _cache(args, argv: list[str]) -> int:
         p.error(f"argument --logits: {str(error).removeprefix('logits: ')}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, argv)
-    run_cache(cfg, teacher=teacher)
+    try:
+        run_cache(cfg, teacher=teacher)
+    except CacheError as error:  # --out holds another recording
+        p.error(f"argument --out: {error}")
+    except ValueError as error:  # found on the first batch, before anything is written
+        if not str(error).startswith("logits: "):
+            raise
+        p.error(f"argument --logits: {str(error).removeprefix('logits: ')}")
     return 0
 
 

@@ -9,6 +9,7 @@ by a failure, so a check that goes missing shows as that failure, not as a long 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -85,8 +86,15 @@ def _caches(root, tiny) -> dict[str, str]:
     shutil.copytree(root / "cache_all", root / "cache_truncated")
     shard = next((root / "cache_truncated").glob("shard-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
+    index = json.loads((root / "cache_all" / "index.json").read_text())
+    for name, text in (("cache_list_index", "[]"),
+                       ("cache_no_shards", json.dumps({k: v for k, v in index.items()
+                                                       if k != "shards"}))):
+        shutil.copytree(root / "cache_all", root / name)
+        (root / name / "index.json").write_text(text)
     return {name: str(root / name) for name in
-            ("cache_all", "cache_layer0", "cache_other", "cache_truncated")}
+            ("cache_all", "cache_layer0", "cache_other", "cache_truncated", "cache_list_index",
+             "cache_no_shards")}
 
 
 MODEL_COMMON = [  # flags distill and outliers share
@@ -145,7 +153,12 @@ CASES = [
                                     "--batch-size=4"]),
     ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_layer0}",
                                     "--batch-size=4"]),
+    ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_list_index}",
+                                    "--batch-size=4"]),
+    ("distill", "--teacher-cache", ["--teacher={tiny}", "--teacher-cache={cache_no_shards}",
+                                    "--batch-size=4"]),
     ("distill", "--batch-size", ["--teacher={tiny}", "--teacher-cache={cache_all}"]),  # 16 > 4
+    ("distill", "--power", ["--power", "0.5", "1", "0.50000001"]),  # one student name twice
     *(("cache", flag, argv) for flag, argv in MODEL_COMMON
       if flag in ("--teacher", "--batch-size", "--max-length", "--device", "--out")),
     ("cache", "--layers", ["--layers=x"]),
@@ -236,3 +249,29 @@ def test_good_arguments_reach_the_run(monkeypatch, paths, command, argv):
     monkeypatch.setattr(cli, "usable_cpus", lambda: 4)
     assert cli.main([command, *(a.format(**paths) for a in argv)]) == 0
     assert len(reached) == 1
+
+
+@pytest.mark.parametrize("case", ["another recording in --out", "top k of all classes",
+                                  "a head without logits"])
+def test_cache_errors_found_on_the_first_batch(capsys, tmp_path, paths, case):
+    """What only the recording finds (before it writes anything) is one error line too."""
+    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+    out, flag, extra = tmp_path / "out", "--logits", []
+    if case == "another recording in --out":  # recorded at fp32, asked at bf16
+        shutil.copytree(paths["cache_all"], out)
+        teacher, flag, extra = paths["tiny"], "--out", ["--dtype=bf16"]
+    else:
+        model_class = BertForMaskedLM if case == "top k of all classes" else BertForPreTraining
+        teacher = tmp_path / "head"
+        shutil.copytree(paths["tiny"], teacher)
+        model_class(BertConfig.from_pretrained(teacher)).save_pretrained(teacher)
+        extra = [f"--logits={10**6 if case == 'top k of all classes' else 5}"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["cache", f"--teacher={teacher}", f"--out={out}", "--text={file}".format(**paths),
+                  *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"eofd-kernels cache: error: argument "
+                                                     f"{flag}"), err

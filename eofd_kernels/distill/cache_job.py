@@ -161,8 +161,10 @@ def run_cache(cfg: CacheConfig, print_fn=print, teacher=None):
                      f"{cfg.dtype}")
         batches = _Batches(_sentences(cfg.text), teacher.tokenizer, cfg.batch_size,
                            cfg.max_length)
+        # A folder by its absolute path: a resumed run may start from another directory.
+        name = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher
         return record_teacher(teacher.model.to(device), batches, layers=layers, out=cfg.out,
-                              dtype=cfg.dtype, logits=cfg.logits, name=cfg.teacher,
+                              dtype=cfg.dtype, logits=cfg.logits, name=name,
                               print_fn=print_fn)
     finally:
         if distributed:

@@ -240,6 +240,9 @@ class _BatchRecord:
             settings["logits_per"] = "token" if per_token else "example"
             settings["num_classes"] = logits.shape[-1]
         store = torch.float32 if settings["dtype"] == "fp32" else torch.bfloat16
+        if setting != "full" and setting >= logits.shape[-1]:
+            raise ValueError(f"logits: the top {setting} of the teacher's {logits.shape[-1]} "
+                             f"classes is all of them; record logits='full'")
         if setting == "full":
             self.tensors["logits"] = rows.to(store).cpu()
         else:
@@ -377,6 +380,10 @@ class _ShardWriter:
 
 # Settings a resumed recording must share with the shards already written.
 _RESUME_KEYS = ("teacher", "config_sha256", "layers", "dtype", "logits", "world_size")
+# What reading a cache takes from its index (_write_index writes them all).
+_INDEX_KEYS = ("teacher", "config_sha256", "seq2seq", "pad_token_id", "layers", "dtype",
+               "logits", "world_size", "widths", "num_hidden_states", "compute_dtype",
+               "logits_per", "shards")
 
 
 def _difference(recorded: dict, wanted: dict) -> str:
@@ -665,9 +672,15 @@ class TeacherCache(torch.utils.data.Dataset):
             self.index = json.loads(index_path.read_text())
         except json.JSONDecodeError as error:
             raise CacheError(f"{index_path}: unreadable ({error})") from None
+        if not isinstance(self.index, dict):
+            raise CacheError(f"{index_path}: expected a JSON object, got "
+                             f"{type(self.index).__name__}")
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise CacheError(f"{index_path}: format {self.index.get('format')!r} version "
                              f"{self.index.get('version')!r}, expected {FORMAT!r} {VERSION}")
+        missing = [key for key in _INDEX_KEYS if key not in self.index]
+        if missing:
+            raise CacheError(f"{index_path}: no {', '.join(missing)} (damaged?)")
         self.sides = tuple(self.index["layers"])
         self.shards: list[_Shard] = []
         for entry in self.index["shards"]:
@@ -861,6 +874,10 @@ def _starts(lengths: torch.Tensor) -> list[int]:
 def _scatter(keep: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(B, N, ...)`` zeros with the concatenated per-item ``rows`` at the valid positions."""
     values = torch.cat(list(rows))
+    valid = int(keep.sum())  # on the host: collate runs in data loading
+    if values.shape[0] != valid:
+        raise CacheError(f"the batch's masks select {valid} tokens, its items hold "
+                         f"{values.shape[0]} (a damaged cache?)")
     out = values.new_zeros((*keep.shape, *values.shape[1:]))
     # masked_scatter_ fills the valid positions in row-major order, as the rows were cut;
     # unlike out[keep] = values it needs no index list of the positions.
