@@ -154,10 +154,12 @@ def _check_distill(args, device: torch.device) -> None:
     from .distill.corpus import stdlib_sentences
 
     p = args.command_parser
-    names = [f"{power:g}" for power in args.powers]  # each student is named by its p
-    repeated = next((name for name in names if names.count(name) > 1), None)
-    if repeated is not None:
-        p.error(f"argument --power: p = {repeated} given twice")
+    from .distill.run import student_names
+
+    try:
+        student_names(args.powers)
+    except ValueError as error:
+        p.error(f"argument --power: {str(error).removeprefix('powers: ')}")
     if args.nproc > 1:
         _check_nproc(args, device)
         if args.batch_size % args.nproc:

@@ -98,13 +98,10 @@ def with_head(teacher, cfg: CacheConfig):
 
 
 def _sentences(text: str) -> list[str]:
-    if text == "stdlib":
-        from .corpus import file_sentences, stdlib_sentences
+    """distill's training sentences for ``stdlib``, else the file's."""
+    from .corpus import file_sentences, stdlib_sentences
 
-        return stdlib_sentences()[0]
-    from .corpus import file_sentences
-
-    return file_sentences(text)
+    return stdlib_sentences()[0] if text == "stdlib" else file_sentences(text)
 
 
 class _Batches:

@@ -36,7 +36,7 @@ from .outliers_job import plot_report
 from .projection import HiddenProjection, attach_projection
 from .teacher_cache import TeacherCache
 
-__all__ = ["DistillConfig", "run_distill"]
+__all__ = ["DistillConfig", "run_distill", "student_names"]
 
 
 @dataclass
@@ -64,6 +64,16 @@ class Student:
     objective: DistillationLoss
 
 
+def student_names(powers) -> list[str]:
+    """The students' names, which key every result: one EOFD student per p, then MSE. A
+    ValueError naming ``powers`` where two would share a name."""
+    names = [f"EOFD p={p:g}" for p in powers]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"powers: {repeated.removeprefix('EOFD ')} given twice")
+    return [*names, "MSE (p=0)"]
+
+
 def _students(cfg: DistillConfig, teacher) -> list[Student]:
     layer_map = uniform_layer_map(cfg.student_layers, teacher.config.num_hidden_layers)
     base = make_student(teacher, cfg.student_layers, cfg.student_width, cfg.seed)
@@ -72,8 +82,8 @@ def _students(cfg: DistillConfig, teacher) -> list[Student]:
     attach_projection(base, HiddenProjection(cfg.student_width, teacher.config.hidden_size,
                                              len(layer_map)))
     students = []
-    for name, power in (*((f"EOFD p={p:g}", p) for p in cfg.powers), ("MSE (p=0)", 0.0)):
-        model = copy.deepcopy(base)  # the same start for both
+    for name, power in zip(student_names(cfg.powers), (*cfg.powers, 0.0)):
+        model = copy.deepcopy(base)  # the same start for every student
         objective = DistillationLoss(layer_map, model.eofd_projection, power=power,
                                      use_logits=False, backend=cfg.backend)
         students.append(Student(name, model, objective))
