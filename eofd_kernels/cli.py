@@ -267,15 +267,12 @@ def _cache(args, argv: list[str]) -> int:
     cfg = CacheConfig(**{k: v for k, v in vars(args).items() if k in fields})
     try:
         teacher = with_head(teacher, cfg)
-    except ValueError as error:
-        p.error(f"argument --logits: {str(error).removeprefix('logits: ')}")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc, argv)
-    try:
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _relaunch_with_torchrun(args.nproc, argv)
         run_cache(cfg, teacher=teacher)
     except CacheError as error:  # --out holds another recording
         p.error(f"argument --out: {error}")
-    except ValueError as error:  # found on the first batch, before anything is written
+    except ValueError as error:  # no head, or found on the first batch before any write
         if not str(error).startswith("logits: "):
             raise
         p.error(f"argument --logits: {str(error).removeprefix('logits: ')}")

@@ -47,7 +47,7 @@ def _promoted_sides(batch):
 def old_path(monkeypatch):
     """Makes the ext backend promote across sides again (its gradients are cast back to each
     input's dtype by the backend, as before)."""
-    monkeypatch.setattr(ext_backend, "_sides", _promoted_sides)
+    monkeypatch.setattr(ext_backend, "kernel_sides", _promoted_sides)
 
 
 def _layers(case, student_dtype, teacher_dtype, device):
@@ -82,7 +82,7 @@ def test_pair_has_the_promoted_paths_bits(device, student_dtype, teacher_dtype, 
     batch = prepare_layers(*layers)
     go = torch.linspace(-1.5, 2.0, batch.num_layers, dtype=torch.float64)
     new = (run_backend("ext", *layers, grad_outputs=go), backend.forward(batch, 0.5, 0.0)[1])
-    monkeypatch.setattr(ext_backend, "_sides", _promoted_sides)
+    monkeypatch.setattr(ext_backend, "kernel_sides", _promoted_sides)
     old = (run_backend("ext", *layers, grad_outputs=go), backend.forward(batch, 0.5, 0.0)[1])
     (loss, ds, dt), dim_stats = new
     (old_loss, old_ds, old_dt), old_dim_stats = old
@@ -185,7 +185,7 @@ def test_module_training_steps_have_the_promoted_paths_bits(student_dtype, teach
         return module_out, (projected.detach(), list(torch.autograd.grad(projected, xs)))
 
     new = run()
-    monkeypatch.setattr(ext_backend, "_sides", _promoted_sides)
+    monkeypatch.setattr(ext_backend, "kernel_sides", _promoted_sides)
     old = run()
     for (loss, grads), (old_loss, old_grads) in zip(new, old):
         _bitwise(loss, old_loss)
@@ -204,7 +204,7 @@ def test_mixed_dtypes_within_a_side_are_promoted_within_that_side():
     assert [g.dtype for g in ds] == [torch.bfloat16, torch.float32, torch.float32]
     assert [g.dtype for g in dt] == [torch.float16] * 3
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ext_backend, "_sides", _promoted_sides)
+        patch.setattr(ext_backend, "kernel_sides", _promoted_sides)
         old_loss, old_ds, old_dt = run_backend("ext", students, teachers, masks)
     for g, old_g in zip([loss, *ds, *dt], [old_loss, *old_ds, *old_dt]):
         _bitwise(g, old_g)

@@ -83,3 +83,16 @@ def promote_layers(layers: list[Tensor]) -> list[Tensor]:
     for x in layers[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     return [x.to(dtype) for x in layers]
+
+
+def kernel_sides(batch) -> tuple[list[Tensor], list[Tensor]]:
+    """Students and teachers as the fused kernels read them: each side in its own dtype (they
+    write dS in the student's, dT in the teacher's), the layers of one side in one common
+    dtype (a copy only where they differ)."""
+    return promote_layers(batch.students), promote_layers(batch.teachers)
+
+
+def in_own_dtypes(grads: list[Tensor], layers: list[Tensor]) -> list[Tensor]:
+    """Each layer's gradient in its layer's dtype: a no-op (no copy) unless its side was
+    promoted."""
+    return [d.to(x.dtype) for d, x in zip(grads, layers)]

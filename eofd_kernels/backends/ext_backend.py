@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Backend, promote_layers
+from .base import Backend, in_own_dtypes, kernel_sides
 from .ext_loader import load_error
 from .op_fakes import fake_backward, fake_forward, fake_forward_and_grad
 
@@ -36,33 +36,20 @@ def grad_group_bytes() -> int:
     return max(1, l3_bytes // 4)
 
 
-def _sides(batch):
-    """Students and teachers as the kernels read them: each side in its own dtype (the kernels
-    are instances for the pair, and write dS in the student's dtype, dT in the teacher's); the
-    layers of one side in one common dtype, a copy only where they differ."""
-    return promote_layers(batch.students), promote_layers(batch.teachers)
-
-
-def _own_dtypes(grads, layers):
-    """Each layer's gradient in its own dtype: a no-op (no copy) unless its side was
-    promoted."""
-    return [d.to(x.dtype) for d, x in zip(grads, layers)]
-
-
 class ExtBackend(Backend):
     """Each side in its own dtype, as the Triton backend (docs/design.md, "Numerics")."""
 
     name = "ext"
 
     def forward(self, batch, power, eps):
-        students, teachers = _sides(batch)
+        students, teachers = kernel_sides(batch)
         return torch.ops.eofd_ext.forward(students, teachers, batch.masks, power, eps)
 
     def backward(self, grad_losses, batch, dim_stats, need_teacher_grad, power):
-        students, teachers = _sides(batch)
+        students, teachers = kernel_sides(batch)
         d_students, d_teachers = torch.ops.eofd_ext.backward(
             grad_losses, students, teachers, batch.masks, dim_stats, need_teacher_grad)
-        return _own_dtypes(d_students, batch.students), _own_dtypes(d_teachers, batch.teachers)
+        return in_own_dtypes(d_students, batch.students), in_own_dtypes(d_teachers, batch.teachers)
 
     def offers_forward_and_grad(self, batch):
         """An eager CPU training call with a frozen teacher: the forward can write dS while
@@ -73,7 +60,7 @@ class ExtBackend(Backend):
                 and not any(torch._subclasses.fake_tensor.is_fake(s) for s in students))
 
     def forward_and_grad(self, batch, power, eps, grads):
-        students, teachers = _sides(batch)
+        students, teachers = kernel_sides(batch)
         losses, dim_stats, d_students = torch.ops.eofd_ext.forward_and_grad(
             students, teachers, batch.masks, power, eps, grads, grad_group_bytes())
-        return losses, dim_stats, _own_dtypes(d_students, batch.students)
+        return losses, dim_stats, in_own_dtypes(d_students, batch.students)

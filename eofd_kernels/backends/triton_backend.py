@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as kernels
-from .base import Backend, promote_layers
+from .base import Backend, in_own_dtypes, kernel_sides
 from .op_fakes import fake_backward, fake_forward
 
 __all__ = ["TritonBackend", "triton_backward", "triton_forward"]
@@ -47,12 +47,9 @@ class TritonBackend(Backend):
     name = "triton"
 
     def forward(self, batch, power, eps):
-        return triton_forward(promote_layers(batch.students), promote_layers(batch.teachers),
-                              batch.masks, power, eps)
+        return triton_forward(*kernel_sides(batch), batch.masks, power, eps)
 
     def backward(self, grad_losses, batch, dim_stats, need_teacher_grad, power):
-        students, teachers = promote_layers(batch.students), promote_layers(batch.teachers)
-        d_students, d_teachers = triton_backward(grad_losses, students, teachers, batch.masks,
+        d_students, d_teachers = triton_backward(grad_losses, *kernel_sides(batch), batch.masks,
                                                  dim_stats, need_teacher_grad)
-        return ([d.to(s.dtype) for d, s in zip(d_students, batch.students)],
-                [d.to(t.dtype) for d, t in zip(d_teachers, batch.teachers)])
+        return in_own_dtypes(d_students, batch.students), in_own_dtypes(d_teachers, batch.teachers)
