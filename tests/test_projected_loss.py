@@ -168,3 +168,28 @@ def test_compile_fullgraph_matches_eager(backend):
     assert rel_err(compiled, eager) <= 1e-6
     for got, want in zip(_grads(compiled, leaves, ts), _grads(eager, leaves, ts), strict=True):
         assert rel_err(got, want) <= 1e-6
+
+
+@backend_device
+def test_a_bf16_teacher_is_read_as_is(backend, device):
+    """A frozen bf16 teacher beside an fp32 student: the backend reads it in its own dtype,
+    bitwise what the same teacher converted to fp32 first gives (its values are exact in fp32),
+    and within the fp32 bound of the float64 computation on those values."""
+    leaves, ts, mask = _layers(device, teacher_grad=False)
+    xs, ws, bs = leaves[:3], leaves[3:6], leaves[6:]
+    ts = [t.bfloat16() for t in ts]
+    got = ek.eofd_projected_loss(xs, ws, bs, ts, power=0.5, mask=mask, backend=backend,
+                                 chunk_rows=10)
+    converted = ek.eofd_projected_loss(xs, ws, bs, [t.float() for t in ts], power=0.5,
+                                       mask=mask, backend=backend, chunk_rows=10)
+    assert torch.equal(got, converted)
+    got_grads = _grads(got, leaves, [])
+    for a, b in zip(got_grads, _grads(converted, leaves, []), strict=True):
+        assert torch.equal(a, b)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    want = ek.eofd_loss([F.linear(x, w, b) for x, w, b in zip(leaves64[:3], leaves64[3:6],
+                                                               leaves64[6:])],
+                        [t.double() for t in ts], power=0.5, mask=mask, backend="torch")
+    assert rel_err(got, want) <= 1e-6
+    for a, b in zip(got_grads, _grads(want, leaves64, []), strict=True):
+        assert rel_err(a, b) <= 1e-6
