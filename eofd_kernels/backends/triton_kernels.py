@@ -206,7 +206,7 @@ def _accumulate(lane_count, lane_mean, lane_m2, lane_squared_error, valid, s_raw
 def _pivot_row(mask_ptr, first_row, end_row, HAS_MASK: tl.constexpr,
                SCAN_ROWS: tl.constexpr):
     """The chunk's first valid row in ``[first_row, end_row)`` (``end_row`` if none): its T
-    values are the pivots of the chunk's columns (docs/design.md, "Pivoted means")."""
+    values are the pivots of the chunk's columns (docs/design.md, "Pivoted moments")."""
     if HAS_MASK:
         offsets = tl.arange(0, SCAN_ROWS)
         in_chunk = offsets < end_row - first_row
